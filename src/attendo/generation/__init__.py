@@ -1,0 +1,1 @@
+"""Turning logits into text: the sampler, the generation loop, beam search."""

@@ -1,0 +1,234 @@
+"""The generation loop: prefill each prompt once, then decode every running sequence together.
+
+A `Batch` owns all generation state (KV cache slots, positions, per-sequence sampler state), so
+the same loop serves one prompt, a list of prompts, and a server that adds and cancels requests
+while others are running (continuous batching): a sequence joins at the next step, its prompt
+is prefilled in bounded chunks so it does not stall the others, and a finished one frees its slot
+at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from attendo.errors import ContextLengthError, InvalidSettingError
+from attendo.generation.sampler import SamplingSettings, make_generator, next_token
+from attendo.generation.text import TextStream
+from attendo.models.decoder import DecoderLM
+from attendo.tokenizer import TextTokenizer
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    settings: SamplingSettings
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; n: the chosen token's logprob and the top n alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float  # under the model's own distribution, before any sampling setting
+    top: list[tuple[int, str, float]]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # the new tokens only
+    finish_reason: FinishReason
+    prompt_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Sequence:
+    """One request in flight."""
+
+    request: Request
+    stream: TextStream
+    generator: torch.Generator
+    slot: int = -1
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:
+        return len(self.request.prompt_ids) + len(self.generated)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.stream.text,
+            token_ids=list(self.generated),
+            finish_reason=self.finish_reason or "length",
+            prompt_token_ids=list(self.request.prompt_ids),
+            logprobs=list(self.logprobs) if self.request.logprobs is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one step produced for one sequence: a text piece (maybe empty) and whether it ended."""
+
+    sequence: Sequence
+    token_id: int
+    text: str
+    finished: bool
+
+
+def check_request(request: Request, context_length: int, vocab_size: int) -> None:
+    if not request.prompt_ids:
+        raise InvalidSettingError("the prompt is empty")
+    if request.max_new_tokens < 1:
+        raise InvalidSettingError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+    bad = [t for t in request.prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidSettingError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    total = len(request.prompt_ids) + request.max_new_tokens
+    if total > context_length:
+        raise ContextLengthError(
+            f"the prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) "
+            f"is {total} tokens, beyond the model's context window of {context_length}"
+        )
+    if any(not s for s in request.stop):
+        raise InvalidSettingError("stop strings must not be empty")
+
+
+class Batch:
+    """Sequences sharing one KV cache of `slots` rows; `step` advances every one of them."""
+
+    def __init__(
+        self,
+        network: DecoderLM,
+        tokenizer: TextTokenizer,
+        eos_token_ids: list[int],
+        slots: int,
+        max_len: int,
+        prefill_chunk: int = 512,
+    ) -> None:
+        self.network = network
+        self.tokenizer = tokenizer
+        self.eos = set(eos_token_ids)
+        self.max_len = max_len
+        self.prefill_chunk = prefill_chunk
+        self.cache = network.new_cache(slots, max_len)
+        self.free_slots = list(range(slots))
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.decoding: list[Sequence] = []
+
+    def add(self, request: Request) -> Sequence:
+        check_request(request, min(self.network.config.context_length, self.max_len), self.network.config.vocab_size)
+        sequence = Sequence(request, TextStream(self.tokenizer, request.stop), make_generator(request.settings.seed))
+        self.waiting.append(sequence)
+        return sequence
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Drop a sequence wherever it is; its slot is free for the next step."""
+        for group in (self.prefilling, self.decoding):
+            if sequence in group:
+                group.remove(sequence)
+                self.free_slots.append(sequence.slot)
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)
+        if sequence.finish_reason is None:
+            sequence.finish_reason = "stop"
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.decoding)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        events = self._decode() if self.decoding else []
+        while self.waiting and self.free_slots:
+            sequence = self.waiting.popleft()
+            sequence.slot = self.free_slots.pop(0)
+            self.prefilling.append(sequence)
+        for sequence in list(self.prefilling):
+            logits = self._prefill_chunk(sequence)
+            if logits is not None:
+                self.prefilling.remove(sequence)
+                self.decoding.append(sequence)
+                events.append(self._accept(sequence, logits))
+        return events
+
+    def _prefill_chunk(self, sequence: Sequence) -> torch.Tensor | None:
+        """Run the next chunk of the prompt; the last chunk returns the next-token logits."""
+        prompt = sequence.request.prompt_ids
+        start, end = sequence.prefilled, min(sequence.prefilled + self.prefill_chunk, len(prompt))
+        tokens = torch.tensor([prompt[start:end]])
+        positions = torch.arange(start, end)[None]
+        last = torch.tensor([end - start - 1])
+        logits = self.network(
+            tokens, positions, cache=self.cache, slots=torch.tensor([sequence.slot]), logits_index=last
+        )
+        sequence.prefilled = end
+        return logits[0] if end == len(prompt) else None
+
+    def _decode(self) -> list[Event]:
+        running = self.decoding
+        tokens = torch.tensor([[s.generated[-1]] for s in running])
+        positions = torch.tensor([[s.length - 1] for s in running])
+        slots = [s.slot for s in running]
+        slot_index = None if slots == list(range(len(slots))) else torch.tensor(slots)
+        logits = self.network(
+            tokens, positions, cache=self.cache, slots=slot_index, logits_index=torch.zeros(len(running), dtype=torch.long)
+        )
+        return [self._accept(sequence, row) for sequence, row in zip(list(running), logits)]
+
+    def _accept(self, sequence: Sequence, logits: torch.Tensor) -> Event:
+        """Choose the next token from a sequence's logits (vocab,), show it, and check the stops."""
+        request = sequence.request
+        settings = request.settings
+        history = None
+        if settings.repetition_penalty != 1.0 or settings.presence_penalty or settings.frequency_penalty:
+            history = torch.tensor(request.prompt_ids + sequence.generated)
+        token = int(next_token(logits, settings, history, sequence.generator))
+        if request.logprobs is not None:
+            sequence.logprobs.append(self._logprob(logits, token, request.logprobs))
+        sequence.generated.append(token)
+        if token in self.eos:
+            text, sequence.finish_reason = sequence.stream.flush(), "stop"
+        else:
+            text = sequence.stream.push(token)
+            if sequence.stream.stopped:
+                sequence.finish_reason = "stop"
+            elif len(sequence.generated) >= request.max_new_tokens:
+                text, sequence.finish_reason = text + sequence.stream.flush(), "length"
+        if sequence.finished:
+            self.decoding.remove(sequence)
+            self.free_slots.append(sequence.slot)
+        return Event(sequence, token, text, sequence.finished)
+
+    def _logprob(self, logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = []
+        if top_n:
+            values, ids = logprobs.topk(top_n)
+            top = [(int(i), self.tokenizer.token_text(int(i)), float(v)) for v, i in zip(values, ids)]
+        return TokenLogprob(token, self.tokenizer.token_text(token), float(logprobs[token]), top)
+
+
+def run(batch: Batch, requests: list[Request]) -> Iterator[Event]:
+    """Add requests to a batch and step it until all of them are done, yielding every event."""
+    for request in requests:
+        batch.add(request)
+    while batch.busy:
+        yield from batch.step()

@@ -1,0 +1,1 @@
+"""Looking inside a model: summaries, attention maps, next-token distributions, embeddings."""

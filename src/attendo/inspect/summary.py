@@ -1,0 +1,37 @@
+"""A model's vital statistics, as `attendo info` prints them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from attendo.model import Model
+
+
+def parameter_count(model: Model) -> int:
+    return sum(p.numel() for p in model.network.parameters())  # tied weights count once
+
+
+def describe(model: Model) -> dict[str, Any]:
+    c = model.config
+    dtypes = Counter(str(p.dtype).removeprefix("torch.") for p in model.network.parameters())
+    attention = "multi-head" if c.n_kv_heads == c.n_heads else f"grouped-query ({c.n_heads // c.n_kv_heads} queries per key/value head)"
+    mlp = ("gated " if c.mlp_gated else "") + c.activation
+    return {
+        "family": c.family,
+        "source": str(model.source),
+        "parameters": f"{parameter_count(model):,}",
+        "layers": c.n_layers,
+        "model dim": c.dim,
+        "heads": f"{c.n_heads} query, {c.n_kv_heads} key/value, head dim {c.head_dim}",
+        "attention": attention,
+        "feed-forward": f"{mlp}, hidden dim {c.ffn_dim}",
+        "positions": c.positions + (f" (theta {c.rope_theta:g})" if c.positions == "rope" else ""),
+        "norm": f"{c.norm}, eps {c.norm_eps:g}, " + ("pre-norm" if c.pre_norm else "post-norm"),
+        "vocabulary": c.vocab_size,
+        "context window": c.context_length,
+        "tied embeddings": c.tie_embeddings,
+        "weights in memory": ", ".join(f"{n} tensors {d}" for d, n in dtypes.most_common()),
+        "stop token ids": model.eos_token_ids,
+        "chat template": "yes" if model.tokenizer.chat_template else "no",
+    }

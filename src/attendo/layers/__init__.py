@@ -1,0 +1,1 @@
+"""Building blocks shared by every family: norms, positions, attention, feed-forward, blocks."""

@@ -1,0 +1,90 @@
+"""Multi-head and grouped-query attention, with a fused fast path and an explicit path.
+
+The fast path calls PyTorch's fused ``scaled_dot_product_attention``. The explicit path computes
+softmax(Q Kᵀ · scale + bias) V step by step and hands the attention weights to a recorder; the
+inspection tools use it, and tests check that both paths agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attendo.config import ModelConfig
+from attendo.layers.kv_cache import KVCache
+from attendo.layers.positions import apply_rope
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one forward pass shares.
+
+    mask: bool (batch, 1, queries, keys), True where a query may attend; or a float tensor added to
+          the scores (-inf where it may not), used when the positions are a score bias (ALiBi, T5).
+    rope: cos and sin, (batch, 1, queries, rope_dims), for rotary positions.
+    cache/slots/kv_len: where this pass writes its keys and values and how many positions it reads
+          (see KVCache.update); without a cache, keys are this pass's own tokens.
+    record: when a list, the explicit path runs and appends each layer's weights
+          (batch, heads, queries, keys).
+    """
+
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    cache: KVCache | None = None
+    slots: torch.Tensor | None = None
+    kv_len: int = 0
+    record: list[torch.Tensor] | None = None
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    record: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """q (batch, heads, queries, head_dim); k, v (batch, kv_heads, keys, head_dim)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if record is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = (q @ k.transpose(-2, -1)).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(dim=-1)
+    record.append(weights)
+    return weights.to(v.dtype) @ v
+
+
+class SelfAttention(nn.Module):
+    """Queries, keys and values come from one fused projection (query heads first)."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.scale = config.attention_scale or self.head_dim**-0.5
+        self.qkv = nn.Linear(config.dim, config.qkv_dim, bias=config.qkv_bias)
+        self.out = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.out_bias)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
+        )
+        q = q.view(batch, tokens, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer, k, v, ctx.positions, ctx.slots, ctx.kv_len)
+        out = attend(q, k, v, ctx.mask, self.scale, ctx.record)
+        return self.out(out.transpose(1, 2).reshape(batch, tokens, -1))

@@ -1,0 +1,159 @@
+"""The Model: a network, its tokenizer and its generation defaults, behind one small API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, overload
+
+import torch
+from torch import nn
+
+from attendo.config import ModelConfig
+from attendo.errors import InvalidSettingError
+from attendo.generation.loop import Batch, GenerationResult, Request, run
+from attendo.generation.sampler import SamplingSettings
+from attendo.tokenizer import TextTokenizer
+
+DEFAULT_MAX_NEW_TOKENS = 128
+_SETTING_NAMES = {f.name for f in fields(SamplingSettings)}
+
+
+class Model:
+    def __init__(
+        self, network: nn.Module, tokenizer: TextTokenizer, generation_defaults: dict[str, Any], source: Path
+    ) -> None:
+        self.network = network
+        self.tokenizer = tokenizer
+        self.generation_defaults = generation_defaults
+        self.source = source
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.network.config
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.generation_defaults.get("eos_token_ids", [])
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"Model({self.source.name}: {c.family}, {c.n_layers} layers, dim {c.dim}, {c.n_heads} heads)"
+
+    @torch.inference_mode()
+    def logits(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
+        """Float logits (batch, positions, vocabulary) for token ids (batch, positions)."""
+        return self.network(_as_batch(token_ids)).float()
+
+    @torch.inference_mode()
+    def attention_maps(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
+        """Attention weights (layers, batch, heads, query positions, key positions), from the
+        explicit softmax(QKᵀ/√d)V path."""
+        record: list[torch.Tensor] = []
+        self.network(_as_batch(token_ids), record=record)
+        return torch.stack(record)
+
+    def sampling_settings(self, **overrides: Any) -> SamplingSettings:
+        """The model's own defaults (generation_config.json) with the given settings on top.
+
+        Asking for any sampling control (temperature > 0, top_k, top_p, min_p) without saying
+        do_sample turns sampling on, since that is what asking for it means.
+        """
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(given) - _SETTING_NAMES
+        if unknown:
+            raise InvalidSettingError(f"unknown generation setting {sorted(unknown)[0]!r}")
+        defaults = {k: v for k, v in self.generation_defaults.items() if k in _SETTING_NAMES}
+        settings = {**defaults, **given}
+        if "do_sample" not in given and any(k in given for k in ("top_k", "top_p", "min_p", "temperature")):
+            settings["do_sample"] = given.get("temperature", 1.0) != 0
+        return SamplingSettings(**settings)
+
+    def _requests(
+        self,
+        prompts: list[str],
+        max_new_tokens: int | None,
+        stop: str | list[str] | None,
+        logprobs: int | None,
+        settings: dict[str, Any],
+    ) -> list[Request]:
+        sampling = self.sampling_settings(**settings)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        limit = max_new_tokens or self.generation_defaults.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+        return [Request(self._encode_prompt(p), sampling, limit, stops, logprobs) for p in prompts]
+
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise InvalidSettingError(f"a prompt must be a string, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode(prompt)
+        if not ids and self.config.bos_token_id is not None:
+            ids = [self.config.bos_token_id]  # an empty prompt means "start from scratch"
+        return ids
+
+    def _batch(self, requests: list[Request]) -> Batch:
+        longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+        max_len = min(self.config.context_length, longest)
+        return Batch(self.network, self.tokenizer, self.eos_token_ids, slots=len(requests), max_len=max_len)
+
+    @overload
+    def generate(self, prompt: str, **kwargs: Any) -> GenerationResult: ...
+    @overload
+    def generate(self, prompt: list[str], **kwargs: Any) -> list[GenerationResult]: ...
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        max_new_tokens: int | None = None,
+        stop: str | list[str] | None = None,
+        logprobs: int | None = None,
+        **settings: Any,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Complete one prompt or a batch of prompts.
+
+        Settings (see SamplingSettings): do_sample, temperature, top_k, top_p, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, seed. stop: strings that end
+        generation (not included in the text). logprobs: also return each chosen token's log
+        probability and the top `logprobs` alternatives.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise InvalidSettingError("no prompts given")
+        requests = self._requests(prompts, max_new_tokens, stop, logprobs, settings)
+        batch = self._batch(requests)
+        sequences = [batch.add(r) for r in requests]
+        while batch.busy:
+            batch.step()
+        results = [s.result() for s in sequences]
+        return results[0] if isinstance(prompt, str) else results
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int | None = None,
+        stop: str | list[str] | None = None,
+        **settings: Any,
+    ) -> Iterator[str]:
+        """Text pieces as they are generated; joined, they equal generate(...).text."""
+        requests = self._requests([prompt], max_new_tokens, stop, None, settings)
+        for event in run(self._batch(requests), requests):
+            if event.text:
+                yield event.text
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> GenerationResult:
+        """Answer a conversation ([{"role": ..., "content": ...}, ...]) with the model's chat template."""
+        return self.generate(self.chat_prompt(messages), **kwargs)
+
+
+def _as_batch(token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
+    tokens = torch.as_tensor(token_ids, dtype=torch.long)
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    if tokens.dim() != 2:
+        raise InvalidSettingError(f"token_ids must be (batch, positions), got shape {list(tokens.shape)}")
+    return tokens

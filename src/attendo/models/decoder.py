@@ -1,0 +1,119 @@
+"""The decoder-only language model (GPT-2, LLaMA, SmolLM2, Mistral, Qwen2, BLOOM by config)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attendo.config import ModelConfig
+from attendo.layers.attention import AttentionContext
+from attendo.layers.block import Block
+from attendo.layers.kv_cache import KVCache
+from attendo.layers.norm import make_norm
+from attendo.layers.positions import alibi_slopes, rope_tables, sinusoidal_table
+
+
+class DecoderLM(nn.Module):
+    """tokens → embedding (+ positions) → N blocks → final norm → LM head → logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.pos_embed = (
+            nn.Embedding(config.context_length + config.position_offset, config.dim)
+            if config.positions == "learned"
+            else None
+        )
+        self.embed_norm = make_norm(config) if config.embedding_norm else None
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
+        self.norm = make_norm(config) if config.final_norm else None
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
+        """(Re)compute the fixed position tables. They are buffers that follow from the config and
+        are not stored with the weights, so a loader that built the model on the meta device calls
+        this once the weights are in place."""
+        config, device = self.config, self.embed.weight.device
+        if config.positions == "rope":
+            cos, sin = rope_tables(config.context_length, config.rope_dims, config.rope_theta)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        elif config.positions == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads).to(device), persistent=False)
+        elif config.positions == "sinusoidal":
+            table = sinusoidal_table(config.context_length, config.dim)
+            self.register_buffer("sinusoids", table.to(device), persistent=False)
+
+    def new_cache(self, slots: int, max_len: int | None = None) -> KVCache:
+        c = self.config
+        weight = self.embed.weight
+        return KVCache(
+            c.n_layers, slots, c.n_kv_heads, max_len or c.context_length, c.head_dim, weight.dtype, weight.device
+        )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+        record: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, tokens, vocab) for tokens (batch, tokens) at positions (batch, tokens).
+
+        With a cache, keys and values are written to it and attention reads every earlier position
+        of the sequence from it (prefill and decode are the same call). logits_index (batch,)
+        computes the LM head at one position per row only and returns (batch, vocab): generation
+        needs just the last token's logits, and the head is the largest matmul of a small model.
+        """
+        batch, length = tokens.shape
+        if positions is None:
+            positions = torch.arange(length, device=tokens.device).expand(batch, length)
+        ctx = self._attention_context(positions, cache, slots, record)
+
+        x = self.embed(tokens)
+        if self.config.embedding_scale != 1.0:
+            x = x * self.config.embedding_scale
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions + self.config.position_offset)
+        elif self.config.positions == "sinusoidal":
+            x = x + self.sinusoids[positions].to(x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        for block in self.blocks:
+            x = block(x, ctx)
+        if logits_index is not None:
+            x = x[torch.arange(batch, device=x.device), logits_index]
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.config.logit_scale != 1.0:
+            x = x * self.config.logit_scale
+        return self.lm_head(x)
+
+    def _attention_context(
+        self,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        slots: torch.Tensor | None,
+        record: list[torch.Tensor] | None,
+    ) -> AttentionContext:
+        if cache is None:
+            kv_len, key_positions = positions.shape[1], positions[:, None, :]
+        else:
+            kv_len = int(positions.max()) + 1
+            key_positions = torch.arange(kv_len, device=positions.device)[None, None, :]
+        mask = (key_positions <= positions[:, :, None])[:, None]  # (batch, 1, queries, keys)
+        rope = None
+        if self.config.positions == "rope":
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+        elif self.config.positions == "alibi":
+            distance = (positions[:, :, None] - key_positions).float()[:, None]  # (batch, 1, q, k)
+            bias = -self.alibi_slopes[None, :, None, None] * distance
+            mask = bias.masked_fill(~mask, float("-inf"))
+        return AttentionContext(positions, mask, rope, cache, slots, kv_len, record)

@@ -1,0 +1,1 @@
+"""Reading checkpoints: safetensors directories, GGUF files, and the names that map them onto ours."""

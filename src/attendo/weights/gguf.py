@@ -1,0 +1,508 @@
+"""GGUF files (llama.cpp's single-file format): the config, tensors and tokenizer they carry.
+
+A GGUF file is a header (typed key/value metadata, then one entry per tensor giving its name, ggml
+shape, type and offset) followed by the aligned tensor data. We parse the header ourselves with
+``struct``: ``gguf.GGUFReader`` turns every element of the 100k-entry tokenizer arrays into its own
+numpy view and needs seconds to open a small model. Tensor data is memory-mapped and dequantized
+with ``gguf.quants`` only when a tensor is loaded.
+
+Everything leaves this module in Hugging Face terms (config keys, tensor names and layouts, a
+``tokenizers.Tokenizer``), so the rest of attendo never sees a GGUF key name.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from attendo.errors import CheckpointError, UnsupportedModelError
+from attendo.weights.source import Checkpoint
+
+# --- the header ------------------------------------------------------------------------------
+
+_MAGIC = b"GGUF"
+_VERSIONS = (2, 3)  # version 1 used 32-bit counts; llama.cpp has not written it since 2023
+_DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # ggml tensors have at most four dimensions
+
+# struct codes of the fixed-size value types, all little-endian
+_SCALARS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
+    GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
+    GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q", GGUFValueType.FLOAT32: "f",
+    GGUFValueType.FLOAT64: "d", GGUFValueType.BOOL: "?",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of the tensor table, checked against the file's size."""
+
+    type: GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order: ggml's ne reversed, so (out_features, in_features)
+    offset: int  # absolute position of the first byte in the file
+    n_bytes: int
+
+
+class _Cursor:
+    """Reads GGUF values one after another; reading past the end is a CheckpointError."""
+
+    def __init__(self, buffer: mmap.mmap, path: Path) -> None:
+        self.buffer, self.path, self.pos = buffer, path, 0
+
+    def error(self, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {problem}")
+
+    def take(self, size: int) -> int:
+        start = self.pos
+        if start + size > len(self.buffer):
+            raise self.error(f"header is truncated (needs byte {start + size}, file has {len(self.buffer)})")
+        self.pos += size
+        return start
+
+    def unpack(self, code: str, count: int = 1) -> tuple[Any, ...]:
+        fmt = f"<{count}{code}"
+        return struct.unpack_from(fmt, self.buffer, self.take(struct.calcsize(fmt)))
+
+    def string(self) -> str:
+        (size,) = self.unpack("Q")
+        start = self.take(size)
+        try:
+            return self.buffer[start : start + size].decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.error(f"string at byte {start} is not valid UTF-8") from None
+
+    def value(self, kind: int) -> Any:
+        if kind == GGUFValueType.STRING:
+            return self.string()
+        if kind == GGUFValueType.ARRAY:
+            item_kind, count = self.unpack("I")[0], self.unpack("Q")[0]
+            if item_kind in _SCALARS:
+                return list(self.unpack(_SCALARS[item_kind], count))
+            # Strings and nested arrays: each item takes at least 8 bytes, so a corrupt count
+            # runs into the end of the file quickly.
+            return [self.value(item_kind) for _ in range(count)]
+        if kind not in _SCALARS:
+            raise self.error(f"unknown metadata value type {kind} at byte {self.pos - 4}")
+        (value,) = self.unpack(_SCALARS[kind])
+        if kind == GGUFValueType.FLOAT32:
+            # The shortest decimal that is this float32, so 1e-5 reads back as 1e-5.
+            value = float(str(np.float32(value)))
+        return value
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """The metadata and the tensor table of a GGUF file, after checking that every tensor lies
+    inside the file."""
+    size = path.stat().st_size
+    if size < 24:  # magic, version and the two counts
+        raise CheckpointError(f"{path}: not a GGUF file (only {size} bytes)")
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+        cursor = _Cursor(buffer, path)
+        magic = buffer[:4]
+        if magic != _MAGIC:
+            raise cursor.error(f"not a GGUF file (starts with {magic!r}, expected {_MAGIC!r})")
+        cursor.take(4)
+        (version,) = cursor.unpack("I")
+        if version not in _VERSIONS:
+            raise cursor.error(f"GGUF version {version} is not supported (only {_VERSIONS}, little-endian)")
+        n_tensors, n_keys = cursor.unpack("Q", 2)
+
+        metadata: dict[str, Any] = {}
+        for _ in range(n_keys):
+            key = cursor.string()
+            metadata[key] = cursor.value(cursor.unpack("I")[0])
+
+        entries = []
+        for _ in range(n_tensors):
+            name = cursor.string()
+            (n_dims,) = cursor.unpack("I")
+            if n_dims > _MAX_DIMS:
+                raise cursor.error(f"tensor {name!r} has {n_dims} dimensions (ggml allows {_MAX_DIMS})")
+            ne = cursor.unpack("Q", n_dims)
+            raw_type, offset = cursor.unpack("I")[0], cursor.unpack("Q")[0]
+            entries.append((name, ne, raw_type, offset))
+        data_start = cursor.pos
+
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise CheckpointError(f"{path}: general.alignment {alignment!r} is not a power of two")
+    data_start += -data_start % alignment
+
+    tensors: dict[str, TensorInfo] = {}
+    for name, ne, raw_type, offset in entries:
+        if name in tensors:
+            raise CheckpointError(f"{path}: tensor {name!r} appears twice")
+        tensors[name] = _tensor_info(path, size, name, ne, raw_type, data_start + offset)
+    return metadata, tensors
+
+
+def _tensor_info(path: Path, file_size: int, name: str, ne: tuple[int, ...], raw_type: int, offset: int) -> TensorInfo:
+    try:
+        kind = GGMLQuantizationType(raw_type)
+        block, block_bytes = GGML_QUANT_SIZES[kind]
+    except (ValueError, KeyError):
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown ggml type {raw_type}") from None
+    if ne and ne[0] % block:
+        raise CheckpointError(f"{path}: tensor {name!r} rows of {ne[0]} do not fill whole {kind.name} blocks")
+    n_bytes = math.prod(ne) // block * block_bytes
+    if offset + n_bytes > file_size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} data ends at byte {offset + n_bytes}, past the end of the file "
+            f"({file_size} bytes): the file is truncated"
+        )
+    return TensorInfo(kind, tuple(reversed(ne)), offset, n_bytes)
+
+
+# --- tensors ---------------------------------------------------------------------------------
+
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
+
+
+def hf_name(path: Path, name: str) -> str:
+    """The Hugging Face LLaMA name of a GGUF tensor."""
+    match = _GGUF_NAME.fullmatch(name)
+    layer, part, kind = match.groups() if match else (None, None, None)
+    table = _GLOBAL_NAMES if layer is None else _LAYER_NAMES
+    if part not in table:
+        raise UnsupportedModelError(f"{path}: tensor {name!r} has no counterpart in a Hugging Face LLaMA model")
+    prefix = "" if layer is None else f"model.layers.{layer}."
+    return f"{prefix}{table[part]}.{kind}"
+
+
+def unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of q/k projection rows (or biases).
+
+    llama.cpp rotates adjacent pairs (x0, x1), (x2, x3)... of each head, while Hugging Face's
+    rotate-half RoPE pairs x_i with x_{i + head_dim/2}; the converter therefore interleaves the two
+    halves of each head's rows. Here they are put back: (heads, head_dim/2, 2) -> (heads, 2, head_dim/2).
+    """
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+class GGUFTensors:
+    """The tensors of one GGUF file under Hugging Face names, dequantized to torch on load."""
+
+    def __init__(self, path: Path, infos: dict[str, TensorInfo], rope_heads: dict[str, int]) -> None:
+        """``infos`` maps Hugging Face names to GGUF table entries; ``rope_heads`` gives the head
+        count of every tensor whose rows llama.cpp permuted for its RoPE."""
+        self.path = path
+        self._infos = infos
+        self._rope_heads = rope_heads
+        for name, heads in rope_heads.items():
+            rows = infos[name].shape[0]
+            if rows % (2 * heads):
+                raise CheckpointError(f"{path}: {name} has {rows} rows, not an even head_dim for {heads} heads")
+        self._data: np.memmap | None = None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: info.shape for name, info in self._infos.items()}
+
+    def load(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """The tensor dequantized; dtype None gives float32 (GGUF's quantized types have no torch dtype)."""
+        info = self._infos[name]
+        if self._data is None:
+            self._data = np.memmap(self.path, mode="r")
+        raw = self._data[info.offset : info.offset + info.n_bytes]
+        rows = raw.reshape(*info.shape[:-1], -1) if info.shape else raw
+        try:
+            values = dequantize(rows, info.type)
+        except NotImplementedError:
+            raise UnsupportedModelError(f"{self.path}: {name} is stored as {info.type.name}, which cannot be dequantized") from None
+        # F32 comes back as a view of the read-only map; copy it so the tensor owns its memory.
+        tensor = torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
+        if name in self._rope_heads:
+            tensor = unpermute_rope(tensor, self._rope_heads[name])
+        return tensor.to(dtype or torch.float32)
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    model_type: str
+    hf_class: str
+    rope_permuted: bool  # llama.cpp permutes q/k rows only where it rotates adjacent pairs
+    attention_bias_key: bool  # whether q/k/v biases are spelled as HF's attention_bias
+
+
+# The GGUF architectures that are a Hugging Face LLaMA or a model attendo reads as one. Qwen2 has
+# q/k/v biases but no o_proj bias, which its own model_type says (attention_bias would add one).
+_ARCHITECTURES = {
+    "llama": _Architecture("llama", "LlamaForCausalLM", rope_permuted=True, attention_bias_key=True),
+    "qwen2": _Architecture("qwen2", "Qwen2ForCausalLM", rope_permuted=False, attention_bias_key=False),
+}
+
+
+def _required(path: Path, metadata: dict[str, Any], key: str, kind: type) -> Any:
+    value = metadata.get(key)
+    if value is None:
+        raise CheckpointError(f"{path}: metadata key {key!r} is missing")
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise CheckpointError(f"{path}: metadata key {key!r} is {value!r}, expected a {kind.__name__}")
+    return value
+
+
+def _hf_config(path: Path, metadata: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, Any]:
+    arch = metadata["general.architecture"]
+    spec = _ARCHITECTURES[arch]
+    hidden = _required(path, metadata, f"{arch}.embedding_length", int)
+    heads = _required(path, metadata, f"{arch}.attention.head_count", int)
+    kv_heads = metadata.get(f"{arch}.attention.head_count_kv", heads)
+    if not isinstance(kv_heads, int):  # a per-layer list: layers of different shapes
+        raise UnsupportedModelError(f"{path}: per-layer key/value head counts are not supported")
+    head_dim = metadata.get(f"{arch}.attention.key_length", hidden // heads)
+    rope_dims = metadata.get(f"{arch}.rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise UnsupportedModelError(f"{path}: RoPE over {rope_dims} of {head_dim} head dimensions is not supported")
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise UnsupportedModelError(f"{path}: RoPE scaling {scaling!r} is not supported")
+    tokens = metadata.get("tokenizer.ggml.tokens", [])
+    config: dict[str, Any] = {
+        "model_type": spec.model_type,
+        "architectures": [spec.hf_class],
+        "vocab_size": metadata.get(f"{arch}.vocab_size", len(tokens)),
+        "hidden_size": hidden,
+        "intermediate_size": _required(path, metadata, f"{arch}.feed_forward_length", int),
+        "num_hidden_layers": _required(path, metadata, f"{arch}.block_count", int),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _required(path, metadata, f"{arch}.attention.layer_norm_rms_epsilon", float),
+        "rope_theta": metadata.get(f"{arch}.rope.freq_base", 10_000.0),
+        "max_position_embeddings": _required(path, metadata, f"{arch}.context_length", int),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
+    }
+    if spec.attention_bias_key:
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    return config
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types (1 normal, 2 unknown, 5 unused, 6 byte)
+
+# How text is split into words before byte-level BPE, by `tokenizer.ggml.pre`: the regexes
+# llama.cpp applies for each. None is GPT-2's own split, which ByteLevel does itself.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_PRE_SPLITS: dict[str, str | None] = {
+    "default": None,
+    "gpt2": None,
+    "smollm": None,  # plus every digit on its own, below
+    "llama-bpe": _LLAMA3_SPLIT,
+    "llama3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+_DIGITS_APART = {"smollm"}
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable spelling of the 256 bytes: printable Latin-1 bytes stand for themselves,
+    the rest (control characters, space, soft hyphen...) take the code points from 256 upwards."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _byte_level_pre_tokenizer(path: Path, pre: str) -> pre_tokenizers.PreTokenizer:
+    if pre not in _PRE_SPLITS:
+        raise UnsupportedModelError(
+            f"{path}: tokenizer pre-tokenizer {pre!r} is not supported (known: {', '.join(_PRE_SPLITS)})"
+        )
+    split = _PRE_SPLITS[pre]
+    steps: list[pre_tokenizers.PreTokenizer] = []
+    if pre in _DIGITS_APART:
+        steps.append(pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"))
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+
+
+def _merges(path: Path, metadata: dict[str, Any]) -> list[tuple[str, str]]:
+    merges = []
+    for merge in metadata["tokenizer.ggml.merges"]:
+        pair = merge.split(" ")
+        if len(pair) != 2:
+            raise CheckpointError(f"{path}: tokenizer merge {merge!r} is not two tokens")
+        merges.append((pair[0], pair[1]))
+    return merges
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """SentencePiece BPE stores no merges: each token's score is the priority of the merge that
+    makes it. Every split of a token into two tokens is such a merge; highest score first, ties
+    by shorter left then right part, then by the parts' ids."""
+    vocab = {token: index for index, token in enumerate(tokens)}
+    candidates = []
+    for token, score in dict(zip(tokens, scores)).items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))]
+        splits = sorted((pair for pair in splits if pair[0] in vocab and pair[1] in vocab), key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        candidates += [(left, right, score) for left, right in splits]
+    candidates.sort(key=lambda c: (c[2], len(c[0]), len(c[1])), reverse=True)
+    return [(left, right) for left, right, _ in candidates]
+
+
+def _tokenizer(path: Path, metadata: dict[str, Any], add_bos: bool, add_eos: bool) -> Tokenizer:
+    """The tokenizer the metadata describes, built the way transformers builds it from a GGUF, so
+    both give the same ids."""
+    kind = metadata.get("tokenizer.ggml.model")
+    tokens: list[str] = metadata.get("tokenizer.ggml.tokens") or []
+    if not tokens:
+        raise CheckpointError(f"{path}: metadata has no tokenizer.ggml.tokens")
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    spelled_in: set[str] | None = None  # characters a special token may use
+    if kind == "gpt2":
+        alphabet = _byte_alphabet()
+        spelled_in = set(alphabet.values())
+        # Tokens added to the vocabulary as plain text (like "<think>") are stored unspelled.
+        vocab = {
+            token if set(token) <= spelled_in else "".join(alphabet[b] for b in token.encode("utf-8")): index
+            for index, token in enumerate(tokens)
+        }
+        tokenizer = Tokenizer(models.BPE(vocab, _merges(path, metadata), fuse_unk=False, byte_fallback=False))
+        tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(path, metadata.get("tokenizer.ggml.pre", "default"))
+        tokenizer.decoder = decoders.ByteLevel()
+    elif kind == "llama":
+        vocab = {token: index for index, token in enumerate(tokens)}
+        if "tokenizer.ggml.merges" in metadata:
+            merges = _merges(path, metadata)
+        else:
+            merges = _merges_from_scores(tokens, metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+        prefix_space = metadata.get("tokenizer.ggml.add_space_prefix", True)
+        tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if prefix_space else "never", split=False
+        )
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix_space else steps)
+    else:
+        raise UnsupportedModelError(f"{path}: tokenizer model {kind!r} is not supported (only 'gpt2' and 'llama')")
+
+    # Control tokens (<|im_end|>...) and user-defined ones must match whole in text, never be cut
+    # into pieces. In a byte-level vocabulary a control token outside the byte alphabet is a
+    # mislabelled one; transformers skips those, and so do we.
+    tokenizer.add_special_tokens([
+        AddedToken(token, normalized=False, special=True)
+        for token, kind_ in zip(tokens, types)
+        if kind_ == _CONTROL and (spelled_in is None or set(token) <= spelled_in)
+    ])  # fmt: skip
+    tokenizer.add_tokens([
+        AddedToken(token, normalized=False, special=False)
+        for token, kind_ in zip(tokens, types)
+        if kind_ == _USER_DEFINED and token in vocab
+    ])  # fmt: skip
+    tokenizer.post_processor = _post_processor(metadata, tokens, add_bos, add_eos)
+    return tokenizer
+
+
+def _post_processor(metadata: dict[str, Any], tokens: list[str], add_bos: bool, add_eos: bool) -> Any:
+    """BOS/EOS around each sequence as the file asks, or None to add nothing."""
+    ends = []
+    for wanted, key in ((add_bos, "bos"), (add_eos, "eos")):
+        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        ends.append((tokens[token_id], token_id) if wanted and token_id is not None else None)
+    bos, eos = ends
+    if bos is None and eos is None:
+        return None
+    single = " ".join([*(["$A"] if bos is None else [bos[0], "$A"]), *([] if eos is None else [eos[0]])])
+    pair = single + " " + single.replace("$A", "$B")
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=[e for e in ends if e])
+
+
+# --- the whole file --------------------------------------------------------------------------
+
+
+def read_gguf(path: str | Path) -> Checkpoint:
+    """Everything in a GGUF file, in Hugging Face terms (see ``Checkpoint``).
+
+    Tensors are read from the header only; their data is mapped and dequantized on ``load``.
+    """
+    path = Path(path)
+    metadata, infos = read_header(path)
+    arch = metadata.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHITECTURES)})"
+        )
+    hf_config = _hf_config(path, metadata, infos)
+    named = {hf_name(path, name): info for name, info in infos.items()}
+    rope_heads: dict[str, int] = {}
+    if _ARCHITECTURES[arch].rope_permuted:
+        for layer in range(hf_config["num_hidden_layers"]):
+            for proj, heads in (("q_proj", "num_attention_heads"), ("k_proj", "num_key_value_heads")):
+                for kind in ("weight", "bias"):
+                    name = f"model.layers.{layer}.self_attn.{proj}.{kind}"
+                    if name in named:
+                        rope_heads[name] = hf_config[heads]
+
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+
+    def token(key: str) -> str | None:
+        index = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
+
+    # llama.cpp adds BOS to SentencePiece vocabularies unless told otherwise, not to byte-level ones.
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token", metadata.get("tokenizer.ggml.model") == "llama")
+    add_eos = metadata.get("tokenizer.ggml.add_eos_token", False)
+    tokenizer_config = {
+        "chat_template": metadata.get("tokenizer.chat_template"),
+        "bos_token": token("bos"),
+        "eos_token": token("eos"),
+        "pad_token": token("padding"),
+        "unk_token": token("unknown"),
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+    }
+    stop_ids = [metadata[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom") if f"tokenizer.ggml.{k}_token_id" in metadata]
+    stop_ids = list(dict.fromkeys(stop_ids))
+    generation_config = {
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else stop_ids or None,
+    }
+    return Checkpoint(
+        hf_config=hf_config,
+        tensors=GGUFTensors(path, named, rope_heads),
+        tokenizer=_tokenizer(path, metadata, add_bos, add_eos),
+        tokenizer_config=tokenizer_config,
+        generation_config=generation_config,
+    )
