@@ -14,6 +14,7 @@ from attendo.generation.loop import GenerationResult
 from attendo.generation.sampler import SamplingSettings
 from attendo.loader import load
 from attendo.model import Model
+from attendo.presets import PRESETS, build
 
 __all__ = [
     "AttendoError",
@@ -24,8 +25,10 @@ __all__ = [
     "Model",
     "ModelConfig",
     "ModelNotFoundError",
+    "PRESETS",
     "SamplingSettings",
     "UnsafeCheckpointError",
     "UnsupportedModelError",
+    "build",
     "load",
 ]

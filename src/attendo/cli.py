@@ -19,8 +19,8 @@ class UsageError(AttendoError):
     """A command line that asks for something impossible."""
 
 
-def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"name, directory or .gguf file (default {DEFAULT_MODEL})")
+def _add_model(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    parser.add_argument("--model", "-m", default=default, help=f"name, directory or .gguf file (default {default})")
     parser.add_argument("--dtype", default=None, help="weights in memory: float32 (default) or bfloat16")
 
 
@@ -35,6 +35,17 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating earlier tokens")
     g.add_argument("--stop", action="append", default=None, help="a string that ends generation (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--num-beams", type=int, default=None, help="beam search: follow this many likeliest sequences")
+    g.add_argument("--length-penalty", type=float, default=None, help="beam search: > 0 favours longer outputs, < 0 shorter")
+    g.add_argument("--early-stopping", type=_early_stopping, default=None, help="beam search: true, false or never")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
+
+
+def _early_stopping(value: str) -> bool | str:
+    choices: dict[str, bool | str] = {"true": True, "false": False, "never": "never"}
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError("expected true, false or never")
+    return choices[value.lower()]
 
 
 def _settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
@@ -45,10 +56,17 @@ def _settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
         "min_p": args.min_p,
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
+        "early_stopping": args.early_stopping,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
     }
     if args.greedy:
         return {**chosen, "do_sample": False}
-    if not any(k in model.generation_defaults for k in ("do_sample", "temperature", "top_p", "top_k")):
+    # Beam search, translation and summaries are deterministic unless sampling is asked for.
+    beams = args.num_beams or model.generation_defaults.get("num_beams") or 1
+    deterministic = beams > 1 or model.config.family == "encoder-decoder"
+    if not deterministic and not any(k in model.generation_defaults for k in ("do_sample", "temperature", "top_p", "top_k")):
         chosen = {**{k: v for k, v in CLI_SAMPLING.items() if chosen[k] is None}, **{k: v for k, v in chosen.items() if v is not None}}
     return chosen
 
@@ -189,6 +207,97 @@ def cmd_info(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from attendo.bench.run import main as bench
+
+    against = [e for e in args.against.split(",") if e]
+    options = {"dtype": args.dtype} if args.dtype else {}
+    print(bench(args.model, against, args.repeats, options, Path(args.out) if args.out else None))
+
+
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    model = _load(args)
+    vectors = model.embed(args.texts, normalize=False if args.no_normalize else None)
+    if args.output is None:
+        print(json.dumps(vectors.tolist()))
+        return
+    if not args.output.endswith(".npy"):
+        raise UsageError("--output must name a .npy file (leave it out for JSON on standard output)")
+    import numpy as np
+
+    np.save(args.output, vectors.numpy())
+    print(f"saved {vectors.shape[0]} vectors of dimension {vectors.shape[1]} to {args.output}", file=sys.stderr)
+
+
+def cmd_similarity(args: argparse.Namespace) -> None:
+    import math
+
+    if len(args.texts) < 2:
+        raise UsageError("give at least two texts (or words) to compare")
+    model = _load(args)
+    vectors = model.embed(args.texts, normalize=True)
+    cosine = (vectors @ vectors.T).clamp(-1.0, 1.0)
+    pairs = [
+        {"a": args.texts[i], "b": args.texts[j], "cosine": float(cosine[i, j]), "angle_degrees": math.degrees(math.acos(float(cosine[i, j])))}
+        for i in range(len(args.texts))
+        for j in range(i + 1, len(args.texts))
+    ]
+    if args.json:
+        print(json.dumps(pairs, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="similarity of embeddings: cosine and angle")
+    for column in ("text A", "text B"):
+        table.add_column(column)
+    for column in ("cosine", "angle"):
+        table.add_column(column, justify="right")
+    for pair in pairs:
+        table.add_row(pair["a"], pair["b"], f"{pair['cosine']:.4f}", f"{pair['angle_degrees']:.1f}°")
+    Console().print(table)
+
+
+def cmd_fill_mask(args: argparse.Namespace) -> None:
+    model = _load(args)
+    answers = model.fill_mask(args.text, top_k=args.top_k)
+    groups = answers if answers and isinstance(answers[0], list) else [answers]
+    if args.json:
+        print(json.dumps([[vars(p) for p in group] for group in groups], ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    for number, group in enumerate(groups, 1):
+        table = Table(title=f"mask {number}" if len(groups) > 1 else None)
+        table.add_column("#", justify="right")
+        table.add_column("token")
+        table.add_column("probability", justify="right")
+        table.add_column("text")
+        for rank, p in enumerate(group, 1):
+            table.add_row(str(rank), p.token, f"{p.probability:.4f}", p.text)
+        Console().print(table)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from attendo.registry import resolve
+    from attendo.server import ServerSettings, serve
+
+    models = args.model or [DEFAULT_MODEL]
+    for name in models:
+        resolve(name)  # a name that points at nothing fails now, not in the background
+    settings = ServerSettings(
+        models=models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace,
+    )  # fmt: skip
+    serve(settings, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attendo", description="Run, inspect and adapt transformer language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -213,8 +322,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.set_defaults(run=cmd_tokenize)
 
+    p = commands.add_parser("embed", help="sentence embeddings of texts, as JSON or a .npy file")
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("--output", "-o", default=None, help="write a .npy file instead of JSON on standard output")
+    p.add_argument("--no-normalize", action="store_true", help="keep the vectors' lengths even if the model normalizes")
+    _add_model(p, EMBEDDING_MODEL)
+    p.set_defaults(run=cmd_embed)
+
+    p = commands.add_parser("similarity", help="cosine similarity and angle between the embeddings of texts or words")
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_model(p, EMBEDDING_MODEL)
+    p.set_defaults(run=cmd_similarity)
+
+    p = commands.add_parser("fill-mask", help="the likeliest words for the [MASK] in a text (BERT-style models)")
+    p.add_argument("text")
+    p.add_argument("--top-k", "-k", type=int, default=5, help="how many candidates to show (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_model(p, EMBEDDING_MODEL)
+    p.set_defaults(run=cmd_fill_mask)
+
     p = commands.add_parser("models", help="list registered model names and where their files are")
     p.set_defaults(run=cmd_models)
+
+    p = commands.add_parser("bench", help="measure speed and memory side by side with peer engines")
+    _add_model(p)
+    p.add_argument("--against", default="transformers,llama.cpp", help="comma-separated peers (default transformers,llama.cpp)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per engine (default 3)")
+    p.add_argument("--out", default="benchmarks/results/engine.json", help="where to write the JSON report")
+    p.set_defaults(run=cmd_bench)
+
+    p = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("--model", "-m", action="append", default=None,
+                   help=f"a model to serve, requested by this name (repeatable; default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default=None, help="weights in memory: float32 (default) or bfloat16")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (not on /health)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per model (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429 (default 64)")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens per sequence, prompt + completion (default 2048)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds open requests may finish after SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(run=cmd_serve)
 
     p = commands.add_parser("info", help="architecture, sizes and weight types of a model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)

@@ -61,6 +61,13 @@ class ModelConfig:
     logit_scale: float = 1.0  # T5 with tied embeddings scales the decoder output by dim**-0.5
     token_types: int = 0  # BERT's segment embeddings
 
+    # The output head. An encoder checkpoint may have none (a sentence-transformers BERT gives
+    # hidden states only); BERT's masked-LM head transforms (dense, activation, norm) before the
+    # output projection, and BERT and BART add a bias to the logits.
+    lm_head: bool = True
+    head_transform: bool = False
+    head_bias: bool = False
+
     # Encoder-decoder: how many decoder layers (n_layers counts the encoder).
     n_decoder_layers: int | None = None
 
@@ -93,6 +100,11 @@ class ModelConfig:
     @property
     def causal(self) -> bool:
         return self.family != "encoder"
+
+    @property
+    def decoder_layers(self) -> int:
+        """Layers of the decoder stack of an encoder-decoder (n_layers counts the encoder's)."""
+        return self.n_decoder_layers or self.n_layers
 
     @property
     def qkv_dim(self) -> int:

@@ -14,13 +14,14 @@ from torch import nn
 
 from attendo.config import ModelConfig
 from attendo.errors import CheckpointError, UnsupportedModelError
+from attendo.facades import make_model
 from attendo.model import Model
 from attendo.models import build_network
 from attendo.registry import resolve
 from attendo.tokenizer import TextTokenizer
 from attendo.weights.gguf import read_gguf
 from attendo.weights.hf_config import config_from_hf, token_ids
-from attendo.weights.names import NAME_MAPS, Rule, rule_for
+from attendo.weights.names import Rule, checkpoint_rules, fit_head, rule_for
 from attendo.weights.safetensors_dir import PICKLE_SUFFIXES, read_hf_directory, refuse_pickle
 from attendo.weights.source import Checkpoint, TensorSource
 
@@ -83,14 +84,17 @@ def load(source: str | Path, dtype: torch.dtype | str | None = None) -> Model:
     torch_dtype = parse_dtype(dtype)
     checkpoint = read_checkpoint(path)
     config = config_from_hf(checkpoint.hf_config, path)
+    model_type, available = checkpoint.hf_config["model_type"], checkpoint.tensors.shapes()
+    rules = checkpoint_rules(model_type, config, available)
+    config = fit_head(config, model_type, rules, available)
     with torch.device("meta"):
         network = build_network(config)
-    load_weights(network, checkpoint.tensors, NAME_MAPS[checkpoint.hf_config["model_type"]](), torch_dtype)
-    if config.tie_embeddings:
+    load_weights(network, checkpoint.tensors, rules, torch_dtype)
+    if config.tie_embeddings and config.lm_head:
         network.lm_head.weight = network.embed.weight
     network.reset_tables()
     network.eval()
-    return Model(network, _tokenizer(checkpoint, path), _generation_defaults(checkpoint, config), path)
+    return make_model(network, _tokenizer(checkpoint, path), _generation_defaults(checkpoint, config), path)
 
 
 def _tokenizer(checkpoint: Checkpoint, path: Path) -> TextTokenizer:

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from attendo.config import ModelConfig
-from attendo.errors import InvalidSettingError
-from attendo.generation.loop import Batch, GenerationResult, Request, run
+from attendo.errors import InvalidSettingError, UnsupportedModelError
+from attendo.generation.beam import BeamSettings, decoder_beam_search, split_beam_settings
+from attendo.generation.loop import Batch, Event, GenerationResult, Request, run
 from attendo.generation.sampler import SamplingSettings
 from attendo.tokenizer import TextTokenizer
 
@@ -80,7 +81,9 @@ class Model:
     ) -> list[Request]:
         sampling = self.sampling_settings(**settings)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        limit = max_new_tokens or self.generation_defaults.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+        limit = max_new_tokens  # 0 is invalid, not "use the default": check_request rejects it
+        if limit is None:
+            limit = self.generation_defaults.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
         return [Request(self._encode_prompt(p), sampling, limit, stops, logprobs) for p in prompts]
 
     def _encode_prompt(self, prompt: str) -> list[int]:
@@ -113,20 +116,34 @@ class Model:
         """Complete one prompt or a batch of prompts.
 
         Settings (see SamplingSettings): do_sample, temperature, top_k, top_p, min_p,
-        repetition_penalty, presence_penalty, frequency_penalty, seed. stop: strings that end
-        generation (not included in the text). logprobs: also return each chosen token's log
-        probability and the top `logprobs` alternatives.
+        repetition_penalty, presence_penalty, frequency_penalty, seed; beam search (see
+        BeamSettings): num_beams, length_penalty, early_stopping, no_repeat_ngram_size.
+        stop: strings that end generation (not included in the text). logprobs: also return each
+        chosen token's log probability and the top `logprobs` alternatives.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InvalidSettingError("no prompts given")
+        search, settings = split_beam_settings(settings, self.generation_defaults)
         requests = self._requests(prompts, max_new_tokens, stop, logprobs, settings)
+        results = self._complete(requests, search)
+        return results[0] if isinstance(prompt, str) else results
+
+    def _complete(self, requests: list[Request], search: BeamSettings) -> list[GenerationResult]:
+        """Run requests to the end: beam search one prompt at a time, or all together in one batch."""
+        if search.num_beams > 1:
+            return [decoder_beam_search(self.network, self.tokenizer, self.eos_token_ids, r, search) for r in requests]
+        _check_no_ngram_ban(search)
         batch = self._batch(requests)
         sequences = [batch.add(r) for r in requests]
         while batch.busy:
             batch.step()
-        results = [s.result() for s in sequences]
-        return results[0] if isinstance(prompt, str) else results
+        return [s.result() for s in sequences]
+
+    def _events(self, requests: list[Request], search: BeamSettings) -> Iterator[Event]:
+        """Every token of every request as it is chosen (greedy decoding or sampling)."""
+        _check_no_ngram_ban(search)
+        return run(self._batch(requests), requests)
 
     def stream(
         self,
@@ -136,9 +153,15 @@ class Model:
         stop: str | list[str] | None = None,
         **settings: Any,
     ) -> Iterator[str]:
-        """Text pieces as they are generated; joined, they equal generate(...).text."""
+        """Text pieces as they are generated; joined, they equal generate(...).text.
+
+        Beam search only knows its best sequence at the end: it yields the whole text at once."""
+        search, settings = split_beam_settings(settings, self.generation_defaults)
         requests = self._requests([prompt], max_new_tokens, stop, None, settings)
-        for event in run(self._batch(requests), requests):
+        if search.num_beams > 1:
+            yield self._complete(requests, search)[0].text
+            return
+        for event in self._events(requests, search):
             if event.text:
                 yield event.text
 
@@ -148,6 +171,25 @@ class Model:
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> GenerationResult:
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) with the model's chat template."""
         return self.generate(self.chat_prompt(messages), **kwargs)
+
+    def embed(self, texts: str | list[str], normalize: bool | None = None) -> torch.Tensor:
+        """Sentence embeddings (n, dim): encoder-only models (see EncoderModel)."""
+        raise UnsupportedModelError(
+            f"{self.source.name} is a {self.config.family} model; sentence embeddings need an "
+            "encoder-only model such as all-minilm-l6-v2"
+        )
+
+    def fill_mask(self, text: str, top_k: int = 5) -> list[Any]:
+        """The likeliest tokens for a masked position: BERT-style models (see EncoderModel)."""
+        raise UnsupportedModelError(
+            f"{self.source.name} is a {self.config.family} model; fill_mask needs an encoder-only model "
+            "with a masked-language-model head (a BERT checkpoint such as bert-base-uncased)"
+        )
+
+
+def _check_no_ngram_ban(search: BeamSettings) -> None:
+    if search.no_repeat_ngram_size:
+        raise InvalidSettingError("no_repeat_ngram_size needs beam search (num_beams > 1) with a decoder-only model")
 
 
 def _as_batch(token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:

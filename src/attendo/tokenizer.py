@@ -40,6 +40,10 @@ class TextTokenizer:
         bos_token: str | None = None,
         eos_token: str | None = None,
     ) -> None:
+        # Some tokenizer.json files pad or truncate every text to a fixed length (MiniLM: 128);
+        # attendo pads batches and checks lengths itself, so the backend does neither.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.backend = tokenizer
         self.chat_template = chat_template
         self.bos_token = bos_token

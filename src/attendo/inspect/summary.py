@@ -21,7 +21,7 @@ def describe(model: Model) -> dict[str, Any]:
         "family": c.family,
         "source": str(model.source),
         "parameters": f"{parameter_count(model):,}",
-        "layers": c.n_layers,
+        "layers": c.n_layers if c.family != "encoder-decoder" else f"{c.n_layers} encoder + {c.decoder_layers} decoder",
         "model dim": c.dim,
         "heads": f"{c.n_heads} query, {c.n_kv_heads} key/value, head dim {c.head_dim}",
         "attention": attention,

@@ -7,7 +7,7 @@ inspection tools use it, and tests check that both paths agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,23 @@ from torch import nn
 from attendo.config import ModelConfig
 from attendo.layers.kv_cache import KVCache
 from attendo.layers.positions import apply_rope
+
+
+@dataclass
+class EncoderMemory:
+    """The encoder's output as the decoder's cross-attention reads it.
+
+    states: (batch, source, dim); mask: bool (batch, 1, 1, source), False at padding, or None.
+    Each decoder layer projects the states to its keys and values on first use and keeps them in
+    `keys_values`: the encoder output does not change while the decoder generates, so this is the
+    cross-attention's KV cache. `record`, when a list, collects the cross-attention weights
+    (batch, heads, target, source) of each layer from the explicit path.
+    """
+
+    states: torch.Tensor
+    mask: torch.Tensor | None
+    keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    record: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -29,6 +46,7 @@ class AttentionContext:
           (see KVCache.update); without a cache, keys are this pass's own tokens.
     record: when a list, the explicit path runs and appends each layer's weights
           (batch, heads, queries, keys).
+    memory: the encoder output, for the cross-attention of an encoder-decoder's decoder.
     """
 
     positions: torch.Tensor
@@ -38,6 +56,7 @@ class AttentionContext:
     slots: torch.Tensor | None = None
     kv_len: int = 0
     record: list[torch.Tensor] | None = None
+    memory: EncoderMemory | None = None
 
 
 def attend(
@@ -87,4 +106,35 @@ class SelfAttention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v, ctx.positions, ctx.slots, ctx.kv_len)
         out = attend(q, k, v, ctx.mask, self.scale, ctx.record)
+        return self.out(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the decoder, keys and values from the encoder output (one fused projection).
+
+    Keys and values are computed once per layer and generation and kept in the EncoderMemory.
+    There is no position term: where a source token sits is already in its encoder state.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.scale = config.attention_scale or self.head_dim**-0.5
+        self.q = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.kv = nn.Linear(config.dim, 2 * config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.out = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.out_bias)
+
+    def keys_values(self, memory: EncoderMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layer not in memory.keys_values:
+            batch, source, _ = memory.states.shape
+            k, v = self.kv(memory.states).view(batch, source, 2, self.n_kv_heads, self.head_dim).unbind(2)
+            memory.keys_values[self.layer] = (k.transpose(1, 2), v.transpose(1, 2))
+        return memory.keys_values[self.layer]
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q = self.q(x).view(batch, tokens, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = self.keys_values(ctx.memory)
+        out = attend(q, k, v, ctx.memory.mask, self.scale, ctx.memory.record)
         return self.out(out.transpose(1, 2).reshape(batch, tokens, -1))

@@ -54,3 +54,9 @@ class KVCache:
         if slots is None:
             return self.keys[layer][:batch, :, :kv_len], self.values[layer][:batch, :, :kv_len]
         return self.keys[layer][slots, :, :kv_len], self.values[layer][slots, :, :kv_len]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Slot i takes the contents of slot rows[i] (beam search: each beam continues the one it
+        was chosen from)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]

@@ -5,11 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from attendo.config import ModelConfig
-from attendo.errors import UnsupportedModelError
 from attendo.models.decoder import DecoderLM
+from attendo.models.encoder import EncoderLM
+from attendo.models.encoder_decoder import EncoderDecoderLM
+
+NETWORKS: dict[str, type[nn.Module]] = {
+    "decoder": DecoderLM,
+    "encoder": EncoderLM,
+    "encoder-decoder": EncoderDecoderLM,
+}
 
 
 def build_network(config: ModelConfig) -> nn.Module:
-    if config.family == "decoder":
-        return DecoderLM(config)
-    raise UnsupportedModelError(f"the {config.family} family is not implemented yet")
+    return NETWORKS[config.family](config)

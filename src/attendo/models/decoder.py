@@ -28,7 +28,7 @@ class DecoderLM(nn.Module):
         self.embed_norm = make_norm(config) if config.embedding_norm else None
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
         self.norm = make_norm(config) if config.final_norm else None
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=config.head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_tables()
@@ -109,6 +109,8 @@ class DecoderLM(nn.Module):
             kv_len = int(positions.max()) + 1
             key_positions = torch.arange(kv_len, device=positions.device)[None, None, :]
         mask = (key_positions <= positions[:, :, None])[:, None]  # (batch, 1, queries, keys)
+        if cache is not None and positions.shape == (1, 1) and self.config.positions != "alibi":
+            mask = None  # one sequence's newest token sees every cached key: no mask, faster SDPA
         rope = None
         if self.config.positions == "rope":
             rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])

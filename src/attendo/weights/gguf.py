@@ -16,6 +16,8 @@ import math
 import mmap
 import re
 import struct
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from attendo.errors import CheckpointError, UnsupportedModelError
+from attendo.weights import ggml_blocks
 from attendo.weights.source import Checkpoint
 
 # --- the header ------------------------------------------------------------------------------
@@ -72,8 +75,8 @@ class _Cursor:
         return start
 
     def unpack(self, code: str, count: int = 1) -> tuple[Any, ...]:
-        fmt = f"<{count}{code}"
-        return struct.unpack_from(fmt, self.buffer, self.take(struct.calcsize(fmt)))
+        start = self.take(struct.calcsize(code) * count)  # before unpacking: count may be corrupt
+        return struct.unpack_from(f"<{count}{code}", self.buffer, start)
 
     def string(self) -> str:
         (size,) = self.unpack("Q")
@@ -148,7 +151,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
     return metadata, tensors
 
 
-def _tensor_info(path: Path, file_size: int, name: str, ne: tuple[int, ...], raw_type: int, offset: int) -> TensorInfo:
+def _tensor_info(
+    path: Path, file_size: int, name: str, ne: tuple[int, ...], raw_type: int, offset: int
+) -> TensorInfo:
     try:
         kind = GGMLQuantizationType(raw_type)
         block, block_bytes = GGML_QUANT_SIZES[kind]
@@ -182,7 +187,7 @@ _LAYER_NAMES = {
 _GGUF_NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
 
 
-def hf_name(path: Path, name: str) -> str:
+def _hf_name(path: Path, name: str) -> str:
     """The Hugging Face LLaMA name of a GGUF tensor."""
     match = _GGUF_NAME.fullmatch(name)
     layer, part, kind = match.groups() if match else (None, None, None)
@@ -193,7 +198,7 @@ def hf_name(path: Path, name: str) -> str:
     return f"{prefix}{table[part]}.{kind}"
 
 
-def unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def _unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's reordering of q/k projection rows (or biases).
 
     llama.cpp rotates adjacent pairs (x0, x1), (x2, x3)... of each head, while Hugging Face's
@@ -228,15 +233,19 @@ class GGUFTensors:
         if self._data is None:
             self._data = np.memmap(self.path, mode="r")
         raw = self._data[info.offset : info.offset + info.n_bytes]
-        rows = raw.reshape(*info.shape[:-1], -1) if info.shape else raw
-        try:
-            values = dequantize(rows, info.type)
-        except NotImplementedError:
-            raise UnsupportedModelError(f"{self.path}: {name} is stored as {info.type.name}, which cannot be dequantized") from None
-        # F32 comes back as a view of the read-only map; copy it so the tensor owns its memory.
-        tensor = torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
+        if info.type in ggml_blocks.DECODABLE:
+            with warnings.catch_warnings():  # the map is read-only; decode() never writes to it
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = ggml_blocks.decode(torch.from_numpy(raw), info.type, info.shape)
+        else:
+            try:
+                values = dequantize(raw.reshape(*info.shape[:-1], -1), info.type)
+            except NotImplementedError:
+                problem = f"{name} is stored as {info.type.name}, which gguf cannot dequantize"
+                raise UnsupportedModelError(f"{self.path}: {problem}") from None
+            tensor = torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
         if name in self._rope_heads:
-            tensor = unpermute_rope(tensor, self._rope_heads[name])
+            tensor = _unpermute_rope(tensor, self._rope_heads[name])
         return tensor.to(dtype or torch.float32)
 
 
@@ -248,14 +257,14 @@ class _Architecture:
     model_type: str
     hf_class: str
     rope_permuted: bool  # llama.cpp permutes q/k rows only where it rotates adjacent pairs
-    attention_bias_key: bool  # whether q/k/v biases are spelled as HF's attention_bias
+    spells_attention_bias: bool  # False where the model_type itself implies the q/k/v biases
 
 
 # The GGUF architectures that are a Hugging Face LLaMA or a model attendo reads as one. Qwen2 has
 # q/k/v biases but no o_proj bias, which its own model_type says (attention_bias would add one).
 _ARCHITECTURES = {
-    "llama": _Architecture("llama", "LlamaForCausalLM", rope_permuted=True, attention_bias_key=True),
-    "qwen2": _Architecture("qwen2", "Qwen2ForCausalLM", rope_permuted=False, attention_bias_key=False),
+    "llama": _Architecture("llama", "LlamaForCausalLM", rope_permuted=True, spells_attention_bias=True),
+    "qwen2": _Architecture("qwen2", "Qwen2ForCausalLM", rope_permuted=False, spells_attention_bias=False),
 }
 
 
@@ -263,7 +272,7 @@ def _required(path: Path, metadata: dict[str, Any], key: str, kind: type) -> Any
     value = metadata.get(key)
     if value is None:
         raise CheckpointError(f"{path}: metadata key {key!r} is missing")
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise CheckpointError(f"{path}: metadata key {key!r} is {value!r}, expected a {kind.__name__}")
     return value
 
@@ -303,7 +312,7 @@ def _hf_config(path: Path, metadata: dict[str, Any], tensors: dict[str, TensorIn
         "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
     }
-    if spec.attention_bias_key:
+    if spec.spells_attention_bias:
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
     return config
 
@@ -311,24 +320,25 @@ def _hf_config(path: Path, metadata: dict[str, Any], tensors: dict[str, TensorIn
 # --- tokenizer -------------------------------------------------------------------------------
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types (1 normal, 2 unknown, 5 unused, 6 byte)
+_TOKEN_NAMES = {"bos": "bos", "eos": "eos", "pad": "padding", "unk": "unknown"}  # HF name: GGUF key part
 
 # How text is split into words before byte-level BPE, by `tokenizer.ggml.pre`: the regexes
-# llama.cpp applies for each. None is GPT-2's own split, which ByteLevel does itself.
+# llama.cpp applies for each, in order (each splits the pieces the one before made).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-_PRE_SPLITS: dict[str, str | None] = {
-    "default": None,
-    "gpt2": None,
-    "smollm": None,  # plus every digit on its own, below
-    "llama-bpe": _LLAMA3_SPLIT,
-    "llama3": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+_PRE_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2_SPLIT,),  # files from before the pre-tokenizer was recorded; as transformers reads them
+    "gpt2": (_GPT2_SPLIT,),
+    "smollm": (r"\p{N}", _GPT2_SPLIT),
+    "llama-bpe": (_LLAMA3_SPLIT,),
+    "llama3": (_LLAMA3_SPLIT,),
+    "qwen2": (_QWEN2_SPLIT,),
+    "deepseek-r1-qwen": (_QWEN2_SPLIT,),
 }
-_DIGITS_APART = {"smollm"}
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -344,18 +354,8 @@ def _byte_level_pre_tokenizer(path: Path, pre: str) -> pre_tokenizers.PreTokeniz
         raise UnsupportedModelError(
             f"{path}: tokenizer pre-tokenizer {pre!r} is not supported (known: {', '.join(_PRE_SPLITS)})"
         )
-    split = _PRE_SPLITS[pre]
-    steps: list[pre_tokenizers.PreTokenizer] = []
-    if pre in _DIGITS_APART:
-        steps.append(pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"))
-    if split is None:
-        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
-    else:
-        steps += [
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    splits = [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in _PRE_SPLITS[pre]]
+    return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def _merges(path: Path, metadata: dict[str, Any]) -> list[tuple[str, str]]:
@@ -376,77 +376,101 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
     candidates = []
     for token, score in dict(zip(tokens, scores)).items():
         splits = [(token[:i], token[i:]) for i in range(1, len(token))]
-        splits = sorted((pair for pair in splits if pair[0] in vocab and pair[1] in vocab), key=lambda p: (vocab[p[0]], vocab[p[1]]))
-        candidates += [(left, right, score) for left, right in splits]
+        known = [(left, right) for left, right in splits if left in vocab and right in vocab]
+        known.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        candidates += [(left, right, score) for left, right in known]
     candidates.sort(key=lambda c: (c[2], len(c[0]), len(c[1])), reverse=True)
     return [(left, right) for left, right, _ in candidates]
 
 
-def _tokenizer(path: Path, metadata: dict[str, Any], add_bos: bool, add_eos: bool) -> Tokenizer:
+def _byte_level(path: Path, metadata: dict[str, Any], tokens: list[str]) -> tuple[Tokenizer, set[str]]:
+    """GPT-2-style BPE over bytes; also the characters its tokens are spelled in."""
+    alphabet = _byte_alphabet()
+    spelled_in = set(alphabet.values())
+    # Tokens added to the vocabulary as plain text (like "<think>") are stored unspelled.
+    vocab = {
+        token if set(token) <= spelled_in else "".join(alphabet[b] for b in token.encode("utf-8")): index
+        for index, token in enumerate(tokens)
+    }
+    tokenizer = Tokenizer(models.BPE(vocab, _merges(path, metadata), fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(path, metadata.get("tokenizer.ggml.pre", "default"))
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer, spelled_in
+
+
+def _sentencepiece(path: Path, metadata: dict[str, Any], tokens: list[str]) -> Tokenizer:
+    """SentencePiece-style BPE: words start with "▁", unknown characters fall back to <0xXX> bytes."""
+    if "tokenizer.ggml.merges" in metadata:
+        merges = _merges(path, metadata)
+    else:
+        merges = _merges_from_scores(tokens, metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True))
+    prefix_space = metadata.get("tokenizer.ggml.add_space_prefix", True)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if prefix_space else "never", split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix_space else steps)
+    return tokenizer
+
+
+def _tokenizer(
+    path: Path, metadata: dict[str, Any], bos: tuple[str, int] | None, eos: tuple[str, int] | None
+) -> Tokenizer:
     """The tokenizer the metadata describes, built the way transformers builds it from a GGUF, so
-    both give the same ids."""
+    both give the same ids. ``bos``/``eos`` (token, id) are added around each text when given."""
     kind = metadata.get("tokenizer.ggml.model")
     tokens: list[str] = metadata.get("tokenizer.ggml.tokens") or []
     if not tokens:
         raise CheckpointError(f"{path}: metadata has no tokenizer.ggml.tokens")
-    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    spelled_in: set[str] | None = None  # characters a special token may use
+    spelled_in: set[str] | None = None  # characters a special token may use (None: any)
     if kind == "gpt2":
-        alphabet = _byte_alphabet()
-        spelled_in = set(alphabet.values())
-        # Tokens added to the vocabulary as plain text (like "<think>") are stored unspelled.
-        vocab = {
-            token if set(token) <= spelled_in else "".join(alphabet[b] for b in token.encode("utf-8")): index
-            for index, token in enumerate(tokens)
-        }
-        tokenizer = Tokenizer(models.BPE(vocab, _merges(path, metadata), fuse_unk=False, byte_fallback=False))
-        tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(path, metadata.get("tokenizer.ggml.pre", "default"))
-        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer, spelled_in = _byte_level(path, metadata, tokens)
     elif kind == "llama":
-        vocab = {token: index for index, token in enumerate(tokens)}
-        if "tokenizer.ggml.merges" in metadata:
-            merges = _merges(path, metadata)
-        else:
-            merges = _merges_from_scores(tokens, metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
-        prefix_space = metadata.get("tokenizer.ggml.add_space_prefix", True)
-        tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True))
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="▁", prepend_scheme="first" if prefix_space else "never", split=False
-        )
-        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix_space else steps)
+        tokenizer = _sentencepiece(path, metadata, tokens)
     else:
         raise UnsupportedModelError(f"{path}: tokenizer model {kind!r} is not supported (only 'gpt2' and 'llama')")
 
     # Control tokens (<|im_end|>...) and user-defined ones must match whole in text, never be cut
     # into pieces. In a byte-level vocabulary a control token outside the byte alphabet is a
     # mislabelled one; transformers skips those, and so do we.
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = tokenizer.get_vocab()
     tokenizer.add_special_tokens([
         AddedToken(token, normalized=False, special=True)
-        for token, kind_ in zip(tokens, types)
-        if kind_ == _CONTROL and (spelled_in is None or set(token) <= spelled_in)
+        for token, type_ in zip(tokens, types)
+        if type_ == _CONTROL and (spelled_in is None or set(token) <= spelled_in)
     ])  # fmt: skip
     tokenizer.add_tokens([
         AddedToken(token, normalized=False, special=False)
-        for token, kind_ in zip(tokens, types)
-        if kind_ == _USER_DEFINED and token in vocab
+        for token, type_ in zip(tokens, types)
+        if type_ == _USER_DEFINED and token in vocab
     ])  # fmt: skip
-    tokenizer.post_processor = _post_processor(metadata, tokens, add_bos, add_eos)
+
+    if bos or eos:
+        single = " ".join(part for part in (bos and bos[0], "$A", eos and eos[0]) if part)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=single, pair=f"{single} {single.replace('$A', '$B')}", special_tokens=[e for e in (bos, eos) if e]
+        )
     return tokenizer
 
 
-def _post_processor(metadata: dict[str, Any], tokens: list[str], add_bos: bool, add_eos: bool) -> Any:
-    """BOS/EOS around each sequence as the file asks, or None to add nothing."""
-    ends = []
-    for wanted, key in ((add_bos, "bos"), (add_eos, "eos")):
-        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        ends.append((tokens[token_id], token_id) if wanted and token_id is not None else None)
-    bos, eos = ends
-    if bos is None and eos is None:
-        return None
-    single = " ".join([*(["$A"] if bos is None else [bos[0], "$A"]), *([] if eos is None else [eos[0]])])
-    pair = single + " " + single.replace("$A", "$B")
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=[e for e in ends if e])
+def _special_tokens(metadata: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    """(token, id) of the bos/eos/padding/unknown tokens the metadata names."""
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    found = {}
+    for key in _TOKEN_NAMES.values():
+        index = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(index, int) and 0 <= index < len(tokens):
+            found[key] = (tokens[index], index)
+    return found
+
+
+def _rope_heads(names: Iterable[str], config: dict[str, Any]) -> dict[str, int]:
+    """The head count of each q/k projection weight and bias, whose rows llama.cpp permuted."""
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    return {name: heads[proj] for name in names if (proj := name.split(".")[-2]) in heads}
 
 
 # --- the whole file --------------------------------------------------------------------------
@@ -455,54 +479,42 @@ def _post_processor(metadata: dict[str, Any], tokens: list[str], add_bos: bool, 
 def read_gguf(path: str | Path) -> Checkpoint:
     """Everything in a GGUF file, in Hugging Face terms (see ``Checkpoint``).
 
-    Tensors are read from the header only; their data is mapped and dequantized on ``load``.
+    Only the header is read here; tensor data is mapped and dequantized by ``tensors.load``.
     """
     path = Path(path)
     metadata, infos = read_header(path)
     arch = metadata.get("general.architecture")
-    if arch not in _ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in _ARCHITECTURES:
         raise UnsupportedModelError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHITECTURES)})"
         )
     hf_config = _hf_config(path, metadata, infos)
-    named = {hf_name(path, name): info for name, info in infos.items()}
-    rope_heads: dict[str, int] = {}
-    if _ARCHITECTURES[arch].rope_permuted:
-        for layer in range(hf_config["num_hidden_layers"]):
-            for proj, heads in (("q_proj", "num_attention_heads"), ("k_proj", "num_key_value_heads")):
-                for kind in ("weight", "bias"):
-                    name = f"model.layers.{layer}.self_attn.{proj}.{kind}"
-                    if name in named:
-                        rope_heads[name] = hf_config[heads]
+    named = {_hf_name(path, name): info for name, info in infos.items()}
+    rope_heads = _rope_heads(named, hf_config) if _ARCHITECTURES[arch].rope_permuted else {}
 
-    tokens = metadata.get("tokenizer.ggml.tokens") or []
-
-    def token(key: str) -> str | None:
-        index = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
-
+    special = _special_tokens(metadata)
     # llama.cpp adds BOS to SentencePiece vocabularies unless told otherwise, not to byte-level ones.
     add_bos = metadata.get("tokenizer.ggml.add_bos_token", metadata.get("tokenizer.ggml.model") == "llama")
     add_eos = metadata.get("tokenizer.ggml.add_eos_token", False)
+    bos, eos = special.get("bos") if add_bos else None, special.get("eos") if add_eos else None
+    tokenizer = _tokenizer(path, metadata, bos, eos)
     tokenizer_config = {
         "chat_template": metadata.get("tokenizer.chat_template"),
-        "bos_token": token("bos"),
-        "eos_token": token("eos"),
-        "pad_token": token("padding"),
-        "unk_token": token("unknown"),
+        **{f"{name}_token": special[key][0] if key in special else None for name, key in _TOKEN_NAMES.items()},
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
     }
-    stop_ids = [metadata[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom") if f"tokenizer.ggml.{k}_token_id" in metadata]
-    stop_ids = list(dict.fromkeys(stop_ids))
+    # Generation stops at end-of-sequence and, in chat models, at end-of-turn/-message tokens.
+    stops = [metadata.get(f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom")]
+    stops = list(dict.fromkeys(stop for stop in stops if stop is not None))
     generation_config = {
         "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else stop_ids or None,
+        "eos_token_id": stops if len(stops) > 1 else (stops[0] if stops else None),
     }
     return Checkpoint(
         hf_config=hf_config,
         tensors=GGUFTensors(path, named, rope_heads),
-        tokenizer=_tokenizer(path, metadata, add_bos, add_eos),
+        tokenizer=tokenizer,
         tokenizer_config=tokenizer_config,
         generation_config=generation_config,
     )

@@ -1,0 +1,48 @@
+"""ggml's most common block formats, decoded with torch operations.
+
+Each format stores a row as blocks of 32 values sharing a float16 scale (and, for Q4_1, a
+minimum). Decoding them with vectorized torch ops is an order of magnitude faster than the gguf
+package's generic numpy code, which matters for start-up time. Other formats fall back to gguf.
+
+    Q8_0: [d: f16][q: 32 x int8]                        value = d * q
+    Q4_0: [d: f16][16 bytes: low nibbles, high nibbles] value = d * (q - 8)
+    Q4_1: [d: f16][m: f16][16 bytes as Q4_0]            value = d * q + m
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType as Q
+
+BLOCK = 32
+_BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}
+DECODABLE = frozenset(_BLOCK_BYTES) | {Q.F32, Q.F16, Q.BF16}
+
+
+def _f16(block_bytes: torch.Tensor) -> torch.Tensor:
+    """Two bytes per block → the float16 they encode, as float32 (rows, blocks)."""
+    return block_bytes.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(rows, blocks, 16) bytes → (rows, blocks, 32) values 0..15: the low nibbles are the first
+    16 values of the block, the high nibbles the last 16."""
+    return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
+
+
+def decode(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...]) -> torch.Tensor:
+    """raw: the tensor's bytes (uint8, 1-D); returns float32 values of the given (torch) shape."""
+    if qtype == Q.F32:
+        return raw.view(torch.float32).reshape(shape).clone()
+    if qtype == Q.F16:
+        return raw.view(torch.float16).reshape(shape).float()
+    if qtype == Q.BF16:
+        return raw.view(torch.bfloat16).reshape(shape).float()
+    blocks = raw.reshape(-1, _BLOCK_BYTES[qtype])
+    if qtype == Q.Q8_0:
+        values = blocks[:, 2:].view(torch.int8).float() * _f16(blocks[:, :2])[:, None]
+    elif qtype == Q.Q4_0:
+        values = (_nibbles(blocks[:, 2:]).float() - 8) * _f16(blocks[:, :2])[:, None]
+    else:
+        values = _nibbles(blocks[:, 4:]).float() * _f16(blocks[:, :2])[:, None] + _f16(blocks[:, 2:4])[:, None]
+    return values.reshape(shape)
