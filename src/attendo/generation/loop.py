@@ -10,7 +10,7 @@ at once.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -194,36 +194,53 @@ class Batch:
         return [self._accept(sequence, row) for sequence, row in zip(list(running), logits)]
 
     def _accept(self, sequence: Sequence, logits: torch.Tensor) -> Event:
-        """Choose the next token from a sequence's logits (vocab,), show it, and check the stops."""
-        request = sequence.request
-        settings = request.settings
-        history = None
-        if settings.repetition_penalty != 1.0 or settings.presence_penalty or settings.frequency_penalty:
-            history = torch.tensor(request.prompt_ids + sequence.generated)
-        token = int(next_token(logits, settings, history, sequence.generator))
-        if request.logprobs is not None:
-            sequence.logprobs.append(self._logprob(logits, token, request.logprobs))
-        sequence.generated.append(token)
-        if token in self.eos:
-            text, sequence.finish_reason = sequence.stream.flush(), "stop"
-        else:
-            text = sequence.stream.push(token)
-            if sequence.stream.stopped:
-                sequence.finish_reason = "stop"
-            elif len(sequence.generated) >= request.max_new_tokens:
-                text, sequence.finish_reason = text + sequence.stream.flush(), "length"
+        event = accept_token(sequence, logits, logits, sequence.request.prompt_ids, self.eos, self.tokenizer)
         if sequence.finished:
             self.decoding.remove(sequence)
             self.free_slots.append(sequence.slot)
-        return Event(sequence, token, text, sequence.finished)
+        return event
 
-    def _logprob(self, logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        top = []
-        if top_n:
-            values, ids = logprobs.topk(top_n)
-            top = [(int(i), self.tokenizer.token_text(int(i)), float(v)) for v, i in zip(values, ids)]
-        return TokenLogprob(token, self.tokenizer.token_text(token), float(logprobs[token]), top)
+
+def token_logprob(logits: torch.Tensor, token: int, top_n: int, tokenizer: TextTokenizer) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = []
+    if top_n:
+        values, ids = logprobs.topk(top_n)
+        top = [(int(i), tokenizer.token_text(int(i)), float(v)) for v, i in zip(values, ids)]
+    return TokenLogprob(token, tokenizer.token_text(token), float(logprobs[token]), top)
+
+
+def accept_token(
+    sequence: Sequence,
+    scores: torch.Tensor,
+    logits: torch.Tensor,
+    context: list[int],
+    eos_ids: Collection[int],
+    tokenizer: TextTokenizer,
+) -> Event:
+    """Choose a sequence's next token, show it, and check the stops.
+
+    scores (vocab,) are what the sampler chooses from (the logits, or the logits with banned
+    tokens removed); log-probabilities are reported from the model's own logits. context is what
+    precedes the generated tokens for the history-dependent penalties.
+    """
+    request, settings = sequence.request, sequence.request.settings
+    history = None
+    if settings.repetition_penalty != 1.0 or settings.presence_penalty or settings.frequency_penalty:
+        history = torch.tensor(context + sequence.generated)
+    token = int(next_token(scores, settings, history, sequence.generator))
+    if request.logprobs is not None:
+        sequence.logprobs.append(token_logprob(logits, token, request.logprobs, tokenizer))
+    sequence.generated.append(token)
+    if token in eos_ids:
+        text, sequence.finish_reason = sequence.stream.flush(), "stop"
+    else:
+        text = sequence.stream.push(token)
+        if sequence.stream.stopped:
+            sequence.finish_reason = "stop"
+        elif len(sequence.generated) >= request.max_new_tokens:
+            text, sequence.finish_reason = text + sequence.stream.flush(), "length"
+    return Event(sequence, token, text, sequence.finished)
 
 
 def run(batch: Batch, requests: list[Request]) -> Iterator[Event]:

@@ -23,8 +23,8 @@ from attendo.generation.beam import (
     beam_search,
     check_beam_request,
 )
-from attendo.generation.loop import Event, GenerationResult, Request, Sequence, TokenLogprob
-from attendo.generation.sampler import make_generator, next_token
+from attendo.generation.loop import Event, GenerationResult, Request, Sequence, accept_token
+from attendo.generation.sampler import make_generator
 from attendo.generation.text import TextStream
 from attendo.layers.attention import EncoderMemory
 from attendo.models.encoder_decoder import EncoderDecoderLM
@@ -60,15 +60,6 @@ def encode_prompts(network: EncoderDecoderLM, prompts: list[list[int]], pad_id: 
     return network.encode(tokens, None if bool(real.all()) else real)
 
 
-def _logprob(logits: torch.Tensor, token: int, top_n: int, tokenizer: TextTokenizer) -> TokenLogprob:
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    top = []
-    if top_n:
-        values, ids = logprobs.topk(top_n)
-        top = [(int(i), tokenizer.token_text(int(i)), float(v)) for v, i in zip(values, ids)]
-    return TokenLogprob(token, tokenizer.token_text(token), float(logprobs[token]), top)
-
-
 def _accept(
     sequence: Sequence,
     logits: torch.Tensor,
@@ -77,24 +68,10 @@ def _accept(
     no_repeat_ngram_size: int,
     tokenizer: TextTokenizer,
 ) -> Event:
-    """Choose a sequence's next token from its logits (vocab,), show it, and check the stops."""
-    request, settings = sequence.request, sequence.request.settings
-    history = [start_id, *sequence.generated]  # what the decoder has read, as transformers counts it
-    scores = ban_repeated_ngrams(logits, history, no_repeat_ngram_size)
-    penalized = settings.repetition_penalty != 1.0 or settings.presence_penalty or settings.frequency_penalty
-    token = int(next_token(scores, settings, torch.tensor(history) if penalized else None, sequence.generator))
-    if request.logprobs is not None:
-        sequence.logprobs.append(_logprob(logits, token, request.logprobs, tokenizer))
-    sequence.generated.append(token)
-    if token in eos_ids:
-        text, sequence.finish_reason = sequence.stream.flush(), "stop"
-    else:
-        text = sequence.stream.push(token)
-        if sequence.stream.stopped:
-            sequence.finish_reason = "stop"
-        elif len(sequence.generated) >= request.max_new_tokens:
-            text, sequence.finish_reason = text + sequence.stream.flush(), "length"
-    return Event(sequence, token, text, sequence.finished)
+    """Choose a sequence's next token; the history is what the decoder has read, as transformers
+    counts it (the start token, then the generated tokens)."""
+    scores = ban_repeated_ngrams(logits, [start_id, *sequence.generated], no_repeat_ngram_size)
+    return accept_token(sequence, scores, logits, [start_id], eos_ids, tokenizer)
 
 
 @torch.inference_mode()
