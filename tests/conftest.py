@@ -33,6 +33,12 @@ TOKENIZER_CORPUS = [
 ]
 TOKENIZER_VOCAB = 320
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny test models are dominated by per-operation overhead, which extra threads only add to
+    # (and on a busy 2-core machine their spin-waiting makes small ops 100x slower).
+    torch.set_num_threads(1)
+
 # Exercises what differs between jinja setups: block trimming, whitespace control, raise_exception,
 # filters and bos_token.
 CHAT_TEMPLATE = """{{ bos_token }}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import attendo
 from attendo.model_encoder import EncoderModel
-from tiny_families import SENTENCES, jitter, max_diff, one_thread, save, wordpiece_tokenizer  # noqa: F401 (one_thread: an autouse fixture)
+from tiny_families import SENTENCES, jitter, max_diff, save, wordpiece_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

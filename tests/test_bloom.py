@@ -9,7 +9,7 @@ import torch
 
 import attendo
 from attendo.layers.positions import alibi_slopes
-from tiny_families import SENTENCES, jitter, max_diff, one_thread, save, word_tokenizer  # noqa: F401 (one_thread: an autouse fixture)
+from tiny_families import SENTENCES, jitter, max_diff, save, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,6 @@ import torch
 
 import attendo
 from attendo.presets import preset
-from tiny_families import one_thread  # noqa: F401 (an autouse fixture)
 
 # Full-size presets reach 560M parameters; the smoke test keeps their shape but not their depth
 # or vocabulary.

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import attendo
 from attendo.generation.seq2seq import encode_prompts
 from attendo.model_seq2seq import Seq2SeqModel
-from tiny_families import SENTENCES, jitter, max_diff, one_thread, save, word_tokenizer  # noqa: F401 (one_thread: an autouse fixture)
+from tiny_families import SENTENCES, jitter, max_diff, save, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
