@@ -35,6 +35,7 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating earlier tokens")
     g.add_argument("--stop", action="append", default=None, help="a string that ends generation (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--fast", action="store_true", help="16-bit weights and a compiled decode step (the first run compiles)")
     g.add_argument("--num-beams", type=int, default=None, help="beam search: follow this many likeliest sequences")
     g.add_argument("--length-penalty", type=float, default=None, help="beam search: > 0 favours longer outputs, < 0 shorter")
     g.add_argument("--early-stopping", type=_early_stopping, default=None, help="beam search: true, false or never")
@@ -74,7 +75,8 @@ def _settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 def _load(args: argparse.Namespace) -> Any:
     from attendo.loader import load
 
-    return load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype)
+    return model.speed_up() if getattr(args, "fast", False) else model
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -295,6 +297,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         models=models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
         max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace,
     )  # fmt: skip
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -363,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-len", type=int, default=2048, help="tokens per sequence, prompt + completion (default 2048)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds open requests may finish after SIGTERM")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_serve)
 

@@ -15,6 +15,9 @@ from typing import Any
 from attendo.bench.hardware import matmul_gflops, memory_bandwidth_gbs
 from attendo.bench.workload import Workload
 
+# The configuration peers are compared with: 16-bit weights and a compiled decode step.
+REFERENCE = "attendo --fast"
+
 METRICS = {
     "load_s": ("cold load (s)", False),
     "prefill_tps": ("prefill tok/s", True),
@@ -65,7 +68,7 @@ def measure(
     runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
     for _ in range(repeats):  # interleaved: every engine once per round
         for engine in engines:
-            runs[engine].append(run_worker(engine, model_path, work, options if engine == "attendo" else {}))
+            runs[engine].append(run_worker(engine, model_path, work, options if engine.startswith("attendo") else {}))
     return {
         "model": model_path,
         "when": time.strftime("%Y-%m-%d %H:%M"),
@@ -96,7 +99,8 @@ def _cpu_name() -> str:
 def format_table(report: dict[str, Any]) -> str:
     """A markdown table: each engine's median (min-max), and each peer as a ratio to attendo."""
     engines = list(report["results"])
-    ours = report["results"].get("attendo")
+    reference = REFERENCE if REFERENCE in report["results"] else "attendo"
+    ours = report["results"].get(reference)
     header = "| metric | " + " | ".join(engines) + " |"
     lines = [header, "|" + "---|" * (len(engines) + 1)]
     for key, (label, higher_is_better) in METRICS.items():
@@ -107,7 +111,7 @@ def format_table(report: dict[str, Any]) -> str:
                 cells.append("n/a")
                 continue
             cell = f"{value['median']:.3g} ({value['min']:.3g}-{value['max']:.3g})"
-            if engine != "attendo" and ours and ours[key]:
+            if not engine.startswith("attendo") and ours and ours[key]:
                 ratio = ours[key]["median"] / value["median"] if higher_is_better else value["median"] / ours[key]["median"]
                 cell += f", attendo {ratio:.2f}x"
             cells.append(cell)
@@ -117,15 +121,15 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(
         f"Machine: {m['cpu']}, {m['cores']} cores, {report['workload']['threads']} threads per engine; "
         f"measured copy bandwidth {m['memory_bandwidth_gbs']:.1f} GB/s, float32 matmul {m['matmul_gflops']:.0f} GFLOP/s. "
-        f"Median (min-max) of {report['repeats']} interleaved runs; 'attendo Nx' = attendo's speed over the peer's "
+        f"Median (min-max) of {report['repeats']} interleaved runs; 'attendo Nx' = {reference}'s speed over the peer's "
         "(memory and load time: the peer's over attendo's)."
     )
-    raw = report["raw"].get("attendo", [{}])[0]
+    raw = report["raw"].get(reference, [{}])[0]
     if ours and raw.get("weight_bytes_per_token"):
         decode_bound = m["memory_bandwidth_gbs"] * 1e9 / raw["weight_bytes_per_token"]
         prefill_bound = m["matmul_gflops"] * 1e9 / (2 * raw["parameters"])
         lines.append(
-            f"Bounds for attendo's weight format ({raw['weight_bytes_per_token'] / 1e6:.0f} MB read per decode step, "
+            f"Bounds for {reference}'s weight format ({raw['weight_bytes_per_token'] / 1e6:.0f} MB read per decode step, "
             f"{raw['parameters'] / 1e6:.0f}M parameters): decode <= {decode_bound:.0f} tok/s "
             f"(reached {ours['decode_tps']['median'] / decode_bound:.0%}), prefill <= {prefill_bound:.0f} tok/s "
             f"(reached {ours['prefill_tps']['median'] / prefill_bound:.0%})."
@@ -138,7 +142,7 @@ def main(model: str, against: list[str], repeats: int, options: dict[str, Any], 
     from attendo.registry import resolve
 
     path = str(resolve(model))
-    engines = ["attendo"]
+    engines = ["attendo", REFERENCE]
     skipped = []
     for peer in against:
         reason = engine_available(peer)

@@ -10,7 +10,7 @@ at once.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -121,13 +121,17 @@ class Batch:
         slots: int,
         max_len: int,
         prefill_chunk: int = 512,
+        decode_step: Callable[..., torch.Tensor] | None = None,
     ) -> None:
+        """decode_step: the network compiled for fixed shapes (optimize.compile_decode), used for
+        every decode step with a cache of fixed shapes; prefill always runs the network eagerly."""
         self.network = network
+        self.decode_step = network if decode_step is None else decode_step
         self.tokenizer = tokenizer
         self.eos = set(eos_token_ids)
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
-        self.cache = network.new_cache(slots, max_len)
+        self.cache = network.new_cache(slots, max_len, fixed_shapes=decode_step is not None)
         self.free_slots = list(range(slots))
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
@@ -188,7 +192,7 @@ class Batch:
         positions = torch.tensor([[s.length - 1] for s in running])
         slots = [s.slot for s in running]
         slot_index = None if slots == list(range(len(slots))) else torch.tensor(slots)
-        logits = self.network(
+        logits = self.decode_step(
             tokens, positions, cache=self.cache, slots=slot_index, logits_index=torch.zeros(len(running), dtype=torch.long)
         )
         return [self._accept(sequence, row) for sequence, row in zip(list(running), logits)]

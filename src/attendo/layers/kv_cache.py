@@ -13,6 +13,9 @@ class KVCache:
     not written yet hold stale values: the caller's mask must hide them, which the causal mask does
     because a query at position p only sees keys at positions <= p, all written by then. This is
     what lets sequences of different lengths share one batch and one cache without left padding.
+
+    A cache with ``fixed_shapes`` is read whole (kv_len = max_len) at every step: slightly more
+    attention work, but every decode step has the same shapes, so torch.compile compiles it once.
     """
 
     def __init__(
@@ -24,11 +27,13 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        fixed_shapes: bool = False,
     ) -> None:
         shape = (slots, kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
+        self.fixed_shapes = fixed_shapes
 
     @property
     def slots(self) -> int:

@@ -48,11 +48,12 @@ class DecoderLM(nn.Module):
             table = sinusoidal_table(config.context_length, config.dim)
             self.register_buffer("sinusoids", table.to(device), persistent=False)
 
-    def new_cache(self, slots: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, slots: int, max_len: int | None = None, fixed_shapes: bool = False) -> KVCache:
         c = self.config
         weight = self.embed.weight
         return KVCache(
-            c.n_layers, slots, c.n_kv_heads, max_len or c.context_length, c.head_dim, weight.dtype, weight.device
+            c.n_layers, slots, c.n_kv_heads, max_len or c.context_length, c.head_dim, weight.dtype, weight.device,
+            fixed_shapes,
         )
 
     def forward(
@@ -106,10 +107,10 @@ class DecoderLM(nn.Module):
         if cache is None:
             kv_len, key_positions = positions.shape[1], positions[:, None, :]
         else:
-            kv_len = int(positions.max()) + 1
+            kv_len = cache.max_len if cache.fixed_shapes else int(positions.max()) + 1
             key_positions = torch.arange(kv_len, device=positions.device)[None, None, :]
         mask = (key_positions <= positions[:, :, None])[:, None]  # (batch, 1, queries, keys)
-        if cache is not None and positions.shape == (1, 1) and self.config.positions != "alibi":
+        if cache is not None and not cache.fixed_shapes and positions.shape == (1, 1) and self.config.positions != "alibi":
             mask = None  # one sequence's newest token sees every cached key: no mask, faster SDPA
         rope = None
         if self.config.positions == "rope":
