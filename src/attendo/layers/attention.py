@@ -69,11 +69,11 @@ def attend(
 ) -> torch.Tensor:
     """q (batch, heads, queries, head_dim); k, v (batch, kv_heads, keys, head_dim)."""
     groups = q.shape[1] // k.shape[1]
+    if record is None:  # the fused kernel shares each key/value head among its query heads itself
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    if record is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = (q @ k.transpose(-2, -1)).float() * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask

@@ -1,0 +1,188 @@
+"""Load benchmark for `attendo serve`: streaming chat completions at concurrency 1, 4 and 16.
+
+Starts the server on 127.0.0.1 (a subprocess, on a free port), sends a bounded number of streaming
+requests at each concurrency level (requests_per_slot x concurrency, the level's requests kept in
+flight by a semaphore), and reports per level:
+
+- aggregate output tokens/s: completion tokens of the level / the level's wall time
+- time to first token (p50, p99): request sent -> first content chunk
+- inter-token latency (p50): gaps between consecutive content chunks of one stream
+
+Prints a table and writes JSON to benchmarks/results/server.json. Loopback only; nothing else is
+contacted.
+
+    .venv/bin/python benchmarks/bench_server.py [--model smollm2-135m-instruct] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how a bicycle works, part by part.",
+    "Describe a walk through a busy market in a city you love.",
+    "Write a letter to a friend about learning to cook.",
+    "Tell me everything you know about the history of tea.",
+    "Write a detailed guide to planting a vegetable garden.",
+    "Describe the life cycle of a star, step by step.",
+    "Write a story about a robot that learns to paint.",
+]
+LEVELS = (1, 4, 16)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, seed: int) -> dict:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.perf_counter()
+    arrivals: list[float] = []
+    tokens = 0
+    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk["choices"]:
+                if choice["delta"].get("content"):
+                    arrivals.append(time.perf_counter())
+    return {
+        "ttft": arrivals[0] - sent if arrivals else None,
+        "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])],
+        "tokens": tokens,
+    }
+
+
+async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=concurrency)) as http:
+
+        async def bounded(i: int) -> dict:
+            async with limit:
+                return await one_request(http, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, seed=i)
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(bounded(i) for i in range(requests)))
+        wall = time.perf_counter() - started
+    ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
+    gaps = [g for r in results for g in r["gaps"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "itl_p50_s": percentile(gaps, 50),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int, log: Path, threads: int | None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "attendo.cli", "serve", "--model", model, "--host", "127.0.0.1",
+               "--port", str(port), "--max-batch", "16", "--max-queue", "64", "--log-level", "warning"]  # fmt: skip
+    if threads:
+        command += ["--threads", str(threads)]
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the server did not become healthy")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per level = this x concurrency")
+    parser.add_argument("--threads", type=int, default=None, help="passed to attendo serve --threads")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "server.json"))
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_server(args.model, port, out.with_suffix(".log"), args.threads)
+    try:
+        wait_healthy(url, process)
+        asyncio.run(run_level(url, args.model, 1, 1, 8))  # warm-up, not reported
+        levels = []
+        for concurrency in LEVELS:
+            level = asyncio.run(run_level(url, args.model, concurrency, args.requests_per_slot * concurrency, args.max_tokens))
+            levels.append(level)
+            print(f"concurrency {concurrency}: {level['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    finally:
+        process.terminate()
+        process.wait(60)
+
+    report = {
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg()},
+        "levels": levels,
+        "speedup_16_vs_1": levels[-1]["tokens_per_s"] / levels[0]["tokens_per_s"],
+    }
+    out.write_text(json.dumps(report, indent=2))
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f}"
+
+    print(f"\n{args.model}, {args.max_tokens} max tokens per request, {os.cpu_count()} CPUs")
+    print("| concurrency | requests | output tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for level in levels:
+        print(
+            f"| {level['concurrency']} | {level['requests']} | {level['tokens_per_s']:.1f} | {ms(level['ttft_p50_s'])} "
+            f"| {ms(level['ttft_p99_s'])} | {ms(level['itl_p50_s'])} |"
+        )
+    print(f"\nthroughput at 16 / at 1: {report['speedup_16_vs_1']:.1f}x; JSON in {out}")
+
+
+if __name__ == "__main__":
+    main()

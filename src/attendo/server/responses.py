@@ -1,0 +1,87 @@
+"""Response objects in the OpenAI schema: completions, chat completions, their stream chunks,
+logprobs in both formats, usage, and server-sent events."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from attendo.generation.loop import TokenLogprob
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -Infinity: a token with zero probability reports this
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event: `data: {json}` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _lp(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+# --- completions ------------------------------------------------------------------------------
+
+
+def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> dict[str, Any]:
+    """The legacy format: parallel lists, top alternatives as {token: logprob}."""
+    offsets = []
+    for entry in entries:
+        offsets.append(text_offset)
+        text_offset += len(entry.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [_lp(e.logprob) for e in entries],
+        "top_logprobs": [{token: _lp(lp) for _, token, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion(id: str, created: int, model: str, choices: list[dict]) -> dict[str, Any]:
+    """A completion, or one chunk of a streamed one (the same object)."""
+    return {"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices}
+
+
+# --- chat -------------------------------------------------------------------------------------
+
+
+def _chat_token(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": _lp(logprob), "bytes": list(token.encode("utf-8"))}
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    content = [
+        _chat_token(e.token, e.logprob) | {"top_logprobs": [_chat_token(token, lp) for _, token, lp in e.top]}
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text, "refusal": None}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_completion(id: str, created: int, model: str, choices: list[dict]) -> dict[str, Any]:
+    return {"id": id, "object": "chat.completion", "created": created, "model": model, "choices": choices}
+
+
+def chat_chunk_choice(index: int, delta: dict, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_chunk(id: str, created: int, model: str, choices: list[dict]) -> dict[str, Any]:
+    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}

@@ -1,0 +1,280 @@
+"""One model's scheduler: a thread that owns a `Batch` and steps it while any request is in flight.
+
+HTTP handlers run on the asyncio event loop; the network runs on this thread. They meet in three
+places, each safe to call from any thread:
+
+- `submit(requests)` hands over one HTTP request's generation requests (n choices, maybe several
+  prompts) as a `Ticket`, or refuses with `QueueFull` when the sequences waiting for a cache slot
+  would exceed `max_queue`. The thread adds them to the batch before its next step, so they join
+  the running ones at once; the batch prefills them in bounded chunks between decode steps.
+- Each step's events become `Delta`s on the ticket's asyncio queue (`call_soon_threadsafe`).
+- `cancel(ticket)` (a client went away) drops the ticket's sequences before the next step, which
+  frees their cache slots.
+
+The batch keeps sampler state per sequence (settings, seeded generator, stops), so what a request
+generates does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from attendo.generation.loop import Batch, Event, Request, Sequence, TokenLogprob
+
+if TYPE_CHECKING:
+    from attendo.model import Model
+    from attendo.server.metrics import Metrics
+
+log = logging.getLogger("attendo.server")
+
+
+class QueueFull(Exception):
+    """More sequences are waiting for a cache slot than the server allows."""
+
+
+class ShuttingDown(Exception):
+    """The server has stopped taking new requests."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step produced for one choice of a ticket."""
+
+    index: int  # position in the ticket's requests
+    token_id: int
+    text: str  # may be empty: text that could still be a stop string or half a character is held back
+    logprob: TokenLogprob | None
+    finish_reason: str | None  # set on the choice's last delta only
+
+
+class Ticket:
+    """The generation requests of one HTTP request, and the queue their deltas arrive on."""
+
+    _ids = itertools.count()
+
+    def __init__(self, requests: list[Request], loop: asyncio.AbstractEventLoop) -> None:
+        self.id = next(self._ids)
+        self.requests = requests
+        self.loop = loop
+        self.queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.cancelled = False
+        self.sequences: list[Sequence] = []  # filled by the scheduler thread
+        self.unfinished = len(requests)  # read and written by the scheduler thread only
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Every delta of every choice until the last one finishes; a failure is raised here."""
+        remaining = len(self.requests)
+        while remaining:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finish_reason is not None:
+                remaining -= 1
+            yield item
+
+
+class Scheduler:
+    def __init__(
+        self,
+        name: str,
+        model: Model,
+        *,
+        max_batch: int,
+        max_queue: int,
+        max_len: int,
+        prefill_chunk: int = 256,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_len = max_len
+        self.prefill_chunk = prefill_chunk
+        self.metrics = metrics
+        self.batch = self._new_batch()
+        self._lock = threading.Condition()
+        self._inbox: list[Ticket] = []  # submitted, not yet added to the batch
+        self._cancelled: list[Ticket] = []
+        self._active = 0  # sequences submitted and not finished: running or waiting for a slot
+        self._tickets: dict[int, Ticket] = {}  # ticket id -> ticket, for tickets in the batch
+        self._owner: dict[int, tuple[Ticket, int]] = {}  # id(sequence) -> (ticket, index)
+        self._accepting = True
+        self._end_at: float | None = None  # when draining: end whatever still runs at this time
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"attendo-scheduler-{name}", daemon=True)
+
+    def _new_batch(self) -> Batch:
+        m = self.model
+        return Batch(m.network, m.tokenizer, m.eos_token_ids, self.max_batch, self.max_len, self.prefill_chunk)
+
+    # --- called from any thread ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        """Sequences that have no cache slot yet."""
+        return max(0, self._active - self.max_batch)
+
+    @property
+    def running(self) -> int:
+        return min(self._active, self.max_batch)
+
+    def submit(self, requests: list[Request], loop: asyncio.AbstractEventLoop) -> Ticket:
+        ticket = Ticket(requests, loop)
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown(f"{self.name} is shutting down")
+            if self._active + len(requests) > self.max_batch + self.max_queue:
+                raise QueueFull(f"{self.waiting} sequences are waiting (limit {self.max_queue})")
+            self._active += len(requests)
+            self._inbox.append(ticket)
+            self._lock.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop a ticket's generation before the next step (no-op once it has finished)."""
+        with self._lock:
+            if ticket.cancelled:
+                return
+            ticket.cancelled = True
+            self._cancelled.append(ticket)
+            self._lock.notify()
+
+    def drain(self, grace: float) -> None:
+        """Take no new requests; let the running ones finish for `grace` seconds, then end them
+        (finish_reason "length": cut short by a limit, the server's)."""
+        with self._lock:
+            self._accepting = False
+            self._end_at = time.monotonic() + grace
+            self._lock.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._accepting = False
+            self._stopped = True
+            self._lock.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # --- the scheduler thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._inbox or self._cancelled or self.batch.busy or self._stopped):
+                    self._lock.wait()
+                inbox, self._inbox = self._inbox, []
+                cancelled, self._cancelled = self._cancelled, []
+                stopped, end_at = self._stopped, self._end_at
+            try:
+                for ticket in cancelled:
+                    self._drop(ticket)
+                for ticket in inbox:
+                    self._admit(ticket)
+                if stopped or (end_at is not None and time.monotonic() >= end_at):
+                    self._end_all()
+                    if stopped:
+                        return
+                if self.batch.busy:
+                    self._step()
+            except Exception as e:  # a bug, not a client mistake: fail what is in flight, start afresh
+                log.exception("scheduler %s failed", self.name)
+                self._reset(e)
+
+    def _reset(self, error: Exception) -> None:
+        for ticket in list(self._tickets.values()):
+            self._fail(ticket, error)
+        self.batch = self._new_batch()
+
+    def _admit(self, ticket: Ticket) -> None:
+        if ticket.cancelled:
+            self._release(len(ticket.requests))
+            return
+        self._tickets[ticket.id] = ticket
+        for index, request in enumerate(ticket.requests):
+            try:
+                sequence = self.batch.add(request)
+            except Exception as e:  # the handler checked every request; this is a safety net
+                self._fail(ticket, e)
+                return
+            ticket.sequences.append(sequence)
+            self._owner[id(sequence)] = (ticket, index)
+
+    def _step(self) -> None:
+        started = time.monotonic()
+        events = self.batch.step()
+        if self.metrics is not None:
+            self.metrics.step(self.name, time.monotonic() - started, len(events))
+        for event in events:
+            self._deliver(event)
+
+    def _deliver(self, event: Event) -> None:
+        owner = self._owner.get(id(event.sequence))
+        if owner is None:
+            return
+        ticket, index = owner
+        sequence = event.sequence
+        logprob = sequence.logprobs[-1] if ticket.requests[index].logprobs is not None else None
+        delta = Delta(index, event.token_id, event.text, logprob, sequence.finish_reason if event.finished else None)
+        if ticket.first_token_at is None:
+            ticket.first_token_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.first_token(self.name, ticket.first_token_at - ticket.submitted)
+        if event.finished:
+            self._finish_sequence(ticket, sequence)
+        self._send(ticket, delta)
+
+    def _finish_sequence(self, ticket: Ticket, sequence: Sequence) -> None:
+        del self._owner[id(sequence)]
+        ticket.unfinished -= 1
+        self._release(1)
+        if ticket.unfinished == 0:
+            self._tickets.pop(ticket.id, None)
+
+    def _drop(self, ticket: Ticket) -> None:
+        """A cancelled ticket: free the slots of its unfinished sequences."""
+        if ticket.id not in self._tickets:
+            return  # finished already, or still in the inbox (then _admit releases it)
+        for sequence in ticket.sequences:
+            if id(sequence) in self._owner:
+                self.batch.cancel(sequence)
+                self._finish_sequence(ticket, sequence)
+
+    def _end_all(self) -> None:
+        for ticket in list(self._tickets.values()):
+            for index, sequence in enumerate(ticket.sequences):
+                if id(sequence) in self._owner:
+                    self.batch.cancel(sequence)
+                    self._finish_sequence(ticket, sequence)
+                    self._send(ticket, Delta(index, -1, sequence.stream.flush(), None, "length"))
+
+    def _fail(self, ticket: Ticket, error: Exception) -> None:
+        for sequence in ticket.sequences:
+            if id(sequence) in self._owner:
+                self.batch.cancel(sequence)
+                self._finish_sequence(ticket, sequence)
+        self._release(len(ticket.requests) - len(ticket.sequences))
+        self._tickets.pop(ticket.id, None)
+        self._send(ticket, error)
+
+    def _release(self, count: int) -> None:
+        with self._lock:
+            self._active -= count
+
+    def _send(self, ticket: Ticket, item: Delta | BaseException) -> None:
+        try:
+            ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
