@@ -186,7 +186,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
     table = Table(title="registered models")
     for column in ("name", "model", "files"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a path cut short is no use
     for name, entry in REGISTRY.items():
         try:
             where = str(registered_path(name))
