@@ -19,6 +19,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _figures(work: Workload, load_s: float, prefill_s: float, decode_s: float, batch_s: float | None) -> dict[str, Any]:
+    """Seconds measured → the reported rates (decode excludes the first token, which prefill made)."""
+    return {
+        "load_s": load_s,
+        "prefill_tps": work.prompt_tokens / prefill_s,
+        "decode_tps": (work.new_tokens - 1) / decode_s,
+        "batch_tps": None if batch_s is None else work.batch * (work.new_tokens - 1) / batch_s,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
 def run_attendo(path: str, work: Workload, options: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -60,12 +71,7 @@ def run_attendo(path: str, work: Workload, options: dict[str, Any]) -> dict[str,
     prefill_s, decode_s = generate(single, work.new_tokens)
     generate(rows, work.new_tokens)
     _, batch_s = generate(rows, work.new_tokens)
-    return {
-        "load_s": load_s,
-        "prefill_tps": work.prompt_tokens / prefill_s,
-        "decode_tps": (work.new_tokens - 1) / decode_s,
-        "batch_tps": work.batch * (work.new_tokens - 1) / batch_s,
-        "peak_rss_mb": _peak_rss_mb(),
+    return _figures(work, load_s, prefill_s, decode_s, batch_s) | {
         "weight_bytes_per_token": weight_bytes_per_token(model.network),
         "parameters": parameters,
     }
@@ -114,13 +120,7 @@ def run_transformers(path: str, work: Workload, options: dict[str, Any]) -> dict
     decode_s = generate([prompt], work.new_tokens) - prefill_s
     rows = [prompt_ids(encode, work.batch_prompt_tokens, v) for v in range(work.batch)]
     batch_s = generate(rows, work.new_tokens) - generate(rows, 1)
-    return {
-        "load_s": load_s,
-        "prefill_tps": work.prompt_tokens / prefill_s,
-        "decode_tps": (work.new_tokens - 1) / decode_s,
-        "batch_tps": work.batch * (work.new_tokens - 1) / batch_s,
-        "peak_rss_mb": _peak_rss_mb(),
-    }
+    return _figures(work, load_s, prefill_s, decode_s, batch_s)
 
 
 def run_llama_cpp(path: str, work: Workload, options: dict[str, Any]) -> dict[str, Any]:
@@ -144,13 +144,7 @@ def run_llama_cpp(path: str, work: Workload, options: dict[str, Any]) -> dict[st
         llm.eval([token])
         token = llm.sample(top_k=1)
     t2 = time.perf_counter()
-    return {
-        "load_s": load_s,
-        "prefill_tps": work.prompt_tokens / (t1 - t0),
-        "decode_tps": (work.new_tokens - 1) / (t2 - t1),
-        "batch_tps": None,  # the Python binding decodes one sequence at a time
-        "peak_rss_mb": _peak_rss_mb(),
-    }
+    return _figures(work, load_s, t1 - t0, t2 - t1, None)  # the Python binding decodes one sequence at a time
 
 
 def run_attendo_fast(path: str, work: Workload, options: dict[str, Any]) -> dict[str, Any]:
