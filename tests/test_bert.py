@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import attendo
-from attendo.model_encoder import EncoderModel
+from attendo.model_encoder import EncoderModel, pack_texts
 from tiny_families import SENTENCES, jitter, max_diff, save, wordpiece_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -128,6 +128,33 @@ def test_mean_pooled_embeddings_match_transformers(mlm, tokenizer):
     assert ours.shape == (len(SENTENCES), 32)
     assert max_diff(ours, expected) < 1e-5
     assert max_diff(model.embed(SENTENCES, normalize=True), F.normalize(expected, dim=-1)) < 1e-5
+
+
+def test_embeddings_do_not_depend_on_how_texts_are_packed(mlm):
+    """embed packs several texts into each row; each text still sees only itself, and its vector
+    comes back in its place."""
+    model = attendo.load(mlm[0])
+    texts = SENTENCES + SENTENCES[::-1] + ["a", ""]
+    one_by_one = torch.cat([model.embed(text) for text in texts])
+    assert max_diff(model.embed(texts), one_by_one) < 1e-5
+    assert max_diff(model.embed(texts, batch_size=3), one_by_one) < 1e-5
+    with pytest.raises(attendo.InvalidSettingError, match="batch_size"):
+        model.embed(texts, batch_size=0)
+
+
+def test_pack_texts_fills_rows_and_keeps_each_text_to_itself():
+    ids = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11], [12], [13, 14, 15, 16]]
+    packed = pack_texts(ids, pad=0)
+    # rows as wide as the longest text (6): [6], [4 + 2], [3 + 1 + pad 2]
+    assert packed.tokens.tolist() == [[1, 2, 3, 4, 5, 6], [13, 14, 15, 16, 7, 8], [9, 10, 11, 12, 0, 0]]
+    assert packed.positions.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0]]
+    assert packed.mask[1].long().tolist() == [[1, 1, 1, 1, 0, 0]] * 4 + [[0, 0, 0, 0, 1, 1]] * 2
+    assert packed.mask[2, 3].tolist() == [False, False, False, True, False, False]
+    assert packed.mask[2, 4].tolist() == [False, False, False, False, True, True]  # padding sees only padding
+    # unpacking gives each text its own row back, in the order given
+    flat = packed.tokens[..., None].float()
+    texts = packed.unpack(flat)[..., 0].long()
+    assert [row[real].tolist() for row, real in zip(texts, packed.real)] == ids
 
 
 def test_sentence_transformers_pooling_config_is_followed(bare, tokenizer):

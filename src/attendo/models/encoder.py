@@ -52,11 +52,17 @@ class EncoderLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_types: torch.Tensor | None = None,
         record: list[torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(batch, tokens, dim) for tokens (batch, tokens); attention_mask False at padding;
-        token_types (default all 0) say which segment of a sentence pair each token is in."""
+        token_types (default all 0) say which segment of a sentence pair each token is in.
+
+        Several texts packed into one row (see model_encoder.pack_texts) give their positions
+        (batch, tokens), restarting with each text, and a (batch, tokens, tokens) attention_mask
+        that keeps each text to itself."""
         batch, length = tokens.shape
-        positions = torch.arange(length, device=tokens.device).expand(batch, length)
+        if positions is None:
+            positions = torch.arange(length, device=tokens.device).expand(batch, length)
         x = self.embed(tokens)
         if self.type_embed is not None:
             x = x + self.type_embed(torch.zeros_like(tokens) if token_types is None else token_types)

@@ -72,8 +72,10 @@ class Stack(nn.Module):
         """Hidden states (batch, tokens, dim) for token embeddings x (batch, tokens, dim).
 
         positions: (batch, tokens). attention_mask: bool (batch, tokens), False at padding that
-        no token may attend to. cache: the decoder's self-attention KV cache (positions then say
-        where each token goes). memory: the encoder output, for cross-attention.
+        no token may attend to; or (batch, tokens, tokens), True where a query may attend to a
+        key (texts packed side by side in a row, each kept to itself). cache: the decoder's
+        self-attention KV cache (positions then say where each token goes). memory: the encoder
+        output, for cross-attention.
         """
         config = self.config
         if config.embedding_scale != 1.0:
@@ -107,7 +109,8 @@ class Stack(nn.Module):
         if self.causal:
             allowed = (key_positions <= positions[:, :, None])[:, None]
         if attention_mask is not None:
-            keys = attention_mask.bool()[:, None, None, :]
+            keys = attention_mask.bool()
+            keys = keys[:, None, None, :] if keys.dim() == 2 else keys[:, None]  # per key, or per query and key
             allowed = keys if allowed is None else allowed & keys
         mask = allowed
         if self.relative_bias is not None:
