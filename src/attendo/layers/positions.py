@@ -13,12 +13,16 @@ import math
 
 import torch
 
+# The fixed tables are computed on the CPU, even inside the loader's meta-device build: there,
+# torch's Python reference kernels would run instead, and their first use imports 1.5 s of code.
+_TABLES = "cpu"
+
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     """(length, dim): sin on even features, cos on odd, wavelengths from 2*pi to 10000*2*pi."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10_000.0) / dim))
-    table = torch.zeros(length, dim)
+    position = torch.arange(length, dtype=torch.float32, device=_TABLES)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=_TABLES) * (-math.log(10_000.0) / dim))
+    table = torch.zeros(length, dim, device=_TABLES)
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq)
     return table
@@ -26,8 +30,8 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
 
 def rope_tables(length: int, rope_dims: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (length, rope_dims), in the half-split layout of Hugging Face checkpoints."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rope_dims, 2, dtype=torch.float64) / rope_dims)
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    inv_freq = 1.0 / theta ** (torch.arange(0, rope_dims, 2, dtype=torch.float64, device=_TABLES) / rope_dims)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64, device=_TABLES), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
 
@@ -52,7 +56,7 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     if closest < n_heads:
         extra_base = 2.0 ** (-4.0 / closest)
         slopes += [extra_base ** (2 * i + 1) for i in range(n_heads - closest)]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=torch.float32, device=_TABLES)
 
 
 def relative_buckets(
