@@ -21,7 +21,7 @@ class UsageError(AttendoError):
 
 def _add_model(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
     parser.add_argument("--model", "-m", default=default, help=f"name, directory or .gguf file (default {default})")
-    parser.add_argument("--dtype", default=None, help="weights in memory: float32 (default) or bfloat16")
+    parser.add_argument("--dtype", default=None, help="weights in memory: float32 (default), bfloat16, float16 or int8")
 
 
 def _add_generation(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,11 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating earlier tokens")
     g.add_argument("--stop", action="append", default=None, help="a string that ends generation (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    g.add_argument("--fast", action="store_true", help="16-bit weights and a compiled decode step (the first run compiles)")
+    g.add_argument("--fast", action="store_true", help="int8 weights and a compiled decode step (the first run compiles)")
+    g.add_argument(
+        "--fast-weights", choices=["int8", "float16", "bfloat16", "float32"], default="int8",
+        help="with --fast: how the weights are stored (default int8)",
+    )
     g.add_argument("--num-beams", type=int, default=None, help="beam search: follow this many likeliest sequences")
     g.add_argument("--length-penalty", type=float, default=None, help="beam search: > 0 favours longer outputs, < 0 shorter")
     g.add_argument("--early-stopping", type=_early_stopping, default=None, help="beam search: true, false or never")
@@ -73,10 +77,12 @@ def _settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from attendo.loader import load
+    from attendo.loader import INT8, load
 
-    model = load(args.model, dtype=args.dtype)
-    return model.speed_up() if getattr(args, "fast", False) else model
+    fast = getattr(args, "fast", False)
+    # Quantizing while loading keeps only one block in float32 at a time.
+    model = load(args.model, dtype=INT8 if fast and args.fast_weights == INT8 else args.dtype)
+    return model.speed_up(args.fast_weights) if fast else model
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -215,8 +221,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from attendo.bench.run import main as bench
 
     against = [e for e in args.against.split(",") if e]
+    also = [w for w in args.also_weights.split(",") if w]
+    unknown = sorted(set(also) - {"float16", "bfloat16"})
+    if unknown:
+        raise UsageError(f"--also-weights takes float16 and bfloat16, not {unknown[0]!r}")
     options = {"dtype": args.dtype} if args.dtype else {}
-    print(bench(args.model, against, args.repeats, options, Path(args.out) if args.out else None))
+    print(bench(args.model, against, args.repeats, options, Path(args.out) if args.out else None, also))
 
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -355,13 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--against", default="transformers,llama.cpp", help="comma-separated peers (default transformers,llama.cpp)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per engine (default 3)")
+    p.add_argument(
+        "--also-weights", default="", help="comma-separated: also measure the fast path with float16 and/or bfloat16 weights"
+    )
     p.add_argument("--out", default="benchmarks/results/engine.json", help="where to write the JSON report")
     p.set_defaults(run=cmd_bench)
 
     p = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("--model", "-m", action="append", default=None,
                    help=f"a model to serve, requested by this name (repeatable; default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default=None, help="weights in memory: float32 (default) or bfloat16")
+    p.add_argument("--dtype", default=None, help="weights in memory: float32 (default), bfloat16, float16 or int8")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (not on /health)")

@@ -7,11 +7,15 @@ only then read, combine and assign the tensors.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from attendo import optimize
 from attendo.config import ModelConfig
 from attendo.errors import CheckpointError, UnsupportedModelError
 from attendo.facades import make_model
@@ -26,15 +30,17 @@ from attendo.weights.safetensors_dir import PICKLE_SUFFIXES, read_hf_directory, 
 from attendo.weights.source import Checkpoint, TensorSource
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INT8 = "int8"  # weight-only quantization: int8 weights, float32 activations (attendo.optimize)
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
+    if dtype is None or dtype == INT8:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise UnsupportedModelError(f"dtype {dtype!r} is not supported (use one of {', '.join(_DTYPES)})")
+        choices = ", ".join([*_DTYPES, INT8])
+        raise UnsupportedModelError(f"dtype {dtype!r} is not supported (use one of {choices})")
     return _DTYPES[dtype]
 
 
@@ -50,8 +56,16 @@ def read_checkpoint(path: Path) -> Checkpoint:
     raise UnsupportedModelError(f"{path}: unknown checkpoint format (expected a .gguf file or a model directory)")
 
 
-def load_weights(network: nn.Module, tensors: TensorSource, rules: dict[str, Rule], dtype: torch.dtype) -> None:
-    """Fill a meta-device network from a checkpoint, validating every tensor before reading any."""
+def load_weights(
+    network: nn.Module,
+    tensors: TensorSource,
+    rules: dict[str, Rule],
+    dtype: torch.dtype,
+    settle: Callable[[nn.Module], object] | None = None,
+) -> None:
+    """Fill a meta-device network from a checkpoint, validating every tensor before reading any.
+    settle(block) runs on each block as soon as its weights are in (to quantize it while only
+    one block is in float32)."""
     available = tensors.shapes()
     plan = []
     for name, parameter in network.named_parameters():  # tied weights appear once
@@ -62,23 +76,36 @@ def load_weights(network: nn.Module, tensors: TensorSource, rules: dict[str, Rul
         missing = [s for s in sources if s not in available]
         if missing:
             raise CheckpointError(f"{tensors.path}: missing tensor {missing[0]} (needed for {name})")
-        combined = rule.combine([torch.empty(available[s], device="meta") for s in sources])
+        # One-byte stand-ins with the sources' shapes: cheap to combine, and unlike meta tensors
+        # they keep torch's slow-to-import Python reference kernels out of a cold start.
+        combined = rule.combine([torch.empty(available[s], dtype=torch.bool) for s in sources])
         if combined.shape != parameter.shape:
             shapes = ", ".join(f"{s} {list(available[s])}" for s in sources)
             raise CheckpointError(
                 f"{tensors.path}: {shapes} does not fit the config, which implies {list(parameter.shape)} for {name}"
             )
         plan.append((name, rule, sources))
-    for name, rule, sources in plan:
+    for index, (name, rule, sources) in enumerate(plan):
         value = rule.combine([tensors.load(s, dtype) for s in sources]).contiguous()
         module_name, _, leaf = name.rpartition(".")
         setattr(network.get_submodule(module_name), leaf, nn.Parameter(value, requires_grad=False))
+        block = _block_of(name)
+        if settle is not None and block and (index + 1 == len(plan) or _block_of(plan[index + 1][0]) != block):
+            settle(network.get_submodule(block))
+
+
+def _block_of(parameter_name: str) -> str | None:
+    """'blocks.3.attn.qkv.weight' → 'blocks.3' (also for an encoder-decoder's stacks)."""
+    match = re.match(r"(.*\bblocks\.\d+)\.", parameter_name)
+    return match.group(1) if match else None
 
 
 def load(source: str | Path, dtype: torch.dtype | str | None = None) -> Model:
     """Load a model from a registered name, a Hugging Face-format directory, or a .gguf file.
 
-    dtype: the weights' dtype in memory (default float32; a GGUF file is dequantized to it).
+    dtype: the weights' dtype in memory: float32 (the default; a GGUF file is dequantized to it),
+    float16, bfloat16, or "int8" for weight-only quantization (a quarter of float32's memory; fast
+    once ``speed_up()`` compiles the decode step).
     """
     path = resolve(source)
     torch_dtype = parse_dtype(dtype)
@@ -87,14 +114,31 @@ def load(source: str | Path, dtype: torch.dtype | str | None = None) -> Model:
     model_type, available = checkpoint.hf_config["model_type"], checkpoint.tensors.shapes()
     rules = checkpoint_rules(model_type, config, available)
     config = fit_head(config, model_type, rules, available)
-    with torch.device("meta"):
+    with _on_meta_device():
         network = build_network(config)
-    load_weights(network, checkpoint.tensors, rules, torch_dtype)
+    quantize = optimize.int8_weights if dtype == INT8 else None
+    load_weights(network, checkpoint.tensors, rules, torch_dtype, settle=quantize)
     if config.tie_embeddings and config.lm_head:
         network.lm_head.weight = network.embed.weight
+    if quantize is not None:
+        quantize(network)  # what is left: the embedding and the LM head
     network.reset_tables()
     network.eval()
     return make_model(network, _tokenizer(checkpoint, path), _generation_defaults(checkpoint, config), path)
+
+
+@contextmanager
+def _on_meta_device() -> Iterator[None]:
+    """Build modules with no memory and no random initialisation: every weight is about to be
+    loaded. nn.Embedding's initialiser (normal_) has no native meta kernel; its first call would
+    import torch's Python reference kernels, which alone took 1.5 s of a cold start."""
+    initialise = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        nn.Embedding.reset_parameters = initialise  # type: ignore[method-assign]
 
 
 def _tokenizer(checkpoint: Checkpoint, path: Path) -> TextTokenizer:

@@ -9,13 +9,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from attendo.bench.hardware import matmul_gflops, memory_bandwidth_gbs
 from attendo.bench.workload import Workload
 
-# The configuration peers are compared with: 16-bit weights and a compiled decode step.
+# The configuration peers are compared with: int8 weights and a compiled decode step.
 REFERENCE = "attendo --fast"
 
 METRICS = {
@@ -137,12 +138,20 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(model: str, against: list[str], repeats: int, options: dict[str, Any], out: Path | None) -> str:
-    """Measure attendo and the available peers; returns the table (and writes JSON to out)."""
+def main(
+    model: str,
+    against: list[str],
+    repeats: int,
+    options: dict[str, Any],
+    out: Path | None,
+    also: Sequence[str] = (),
+) -> str:
+    """Measure attendo and the available peers; returns the table (and writes JSON to out).
+    also: more weight formats for the fast path to measure beside int8 (float16, bfloat16)."""
     from attendo.registry import resolve
 
     path = str(resolve(model))
-    engines = ["attendo", REFERENCE]
+    engines = ["attendo", REFERENCE, *(f"{REFERENCE} {weights}" for weights in also)]
     skipped = []
     for peer in against:
         reason = engine_available(peer)

@@ -10,6 +10,7 @@ import json
 import resource
 import sys
 import time
+from functools import partial
 from typing import Any
 
 from attendo.bench.workload import Workload, prompt_ids
@@ -38,12 +39,13 @@ def run_attendo(path: str, work: Workload, options: dict[str, Any]) -> dict[str,
     import attendo
     from attendo.generation.loop import Batch, Request
     from attendo.generation.sampler import SamplingSettings
+    from attendo.inspect.summary import parameter_count
 
-    model = attendo.load(path, dtype=options.get("dtype"))
+    weights = options.get("fast_weights")  # None: float32, run eagerly
+    model = attendo.load(path, dtype="int8" if weights == "int8" else options.get("dtype"))
     load_s = time.perf_counter() - start
-    parameters = sum(p.numel() for p in model.network.parameters())
-    if options.get("speed_up"):
-        model.speed_up()
+    if weights:
+        model.speed_up(weights)
     greedy = SamplingSettings()
     encode = lambda text: model.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
 
@@ -73,7 +75,7 @@ def run_attendo(path: str, work: Workload, options: dict[str, Any]) -> dict[str,
     _, batch_s = generate(rows, work.new_tokens)
     return _figures(work, load_s, prefill_s, decode_s, batch_s) | {
         "weight_bytes_per_token": weight_bytes_per_token(model.network),
-        "parameters": parameters,
+        "parameters": parameter_count(model),
     }
 
 
@@ -84,8 +86,9 @@ def weight_bytes_per_token(network: Any) -> int:
     total = sum(t.nbytes for t in tensors.values())
     embed = getattr(network, "embed", None)
     head = getattr(network, "lm_head", None)
-    if embed is not None and not (head is not None and getattr(head, "weight", None) is embed.weight):
-        total -= sum(t.nbytes for t in [*embed.parameters(), *embed.buffers()])
+    head_tensors = {id(t) for t in [*head.parameters(), *head.buffers()]} if head is not None else set()
+    if embed is not None:
+        total -= sum(t.nbytes for t in [*embed.parameters(), *embed.buffers()] if id(t) not in head_tensors)
     return total
 
 
@@ -147,13 +150,15 @@ def run_llama_cpp(path: str, work: Workload, options: dict[str, Any]) -> dict[st
     return _figures(work, load_s, t1 - t0, t2 - t1, None)  # the Python binding decodes one sequence at a time
 
 
-def run_attendo_fast(path: str, work: Workload, options: dict[str, Any]) -> dict[str, Any]:
-    return run_attendo(path, work, {**options, "speed_up": True})
+def run_attendo_fast(path: str, work: Workload, options: dict[str, Any], weights: str = "int8") -> dict[str, Any]:
+    return run_attendo(path, work, {**options, "fast_weights": weights})
 
 
 ENGINES = {
     "attendo": run_attendo,
     "attendo --fast": run_attendo_fast,
+    "attendo --fast float16": partial(run_attendo_fast, weights="float16"),
+    "attendo --fast bfloat16": partial(run_attendo_fast, weights="bfloat16"),
     "transformers": run_transformers,
     "llama.cpp": run_llama_cpp,
 }

@@ -187,15 +187,22 @@ class Batch:
         return logits[0] if end == len(prompt) else None
 
     def _decode(self) -> list[Event]:
-        running = self.decoding
-        tokens = torch.tensor([[s.generated[-1]] for s in running])
-        positions = torch.tensor([[s.length - 1] for s in running])
-        slots = [s.slot for s in running]
+        running = list(self.decoding)
+        rows = running
+        if self.decode_step is not self.network:
+            # A compiled step is specialised to its shapes: round the rows up to a power of two
+            # by repeating the last one (it writes the same keys and values to the same place),
+            # so a batch whose size keeps changing compiles at most log2(slots) + 1 shapes.
+            bucket = min(self.cache.slots, 1 << (len(running) - 1).bit_length())
+            rows = running + running[-1:] * (bucket - len(running))
+        tokens = torch.tensor([[s.generated[-1]] for s in rows])
+        positions = torch.tensor([[s.length - 1] for s in rows])
+        slots = [s.slot for s in rows]
         slot_index = None if slots == list(range(len(slots))) else torch.tensor(slots)
         logits = self.decode_step(
-            tokens, positions, cache=self.cache, slots=slot_index, logits_index=torch.zeros(len(running), dtype=torch.long)
+            tokens, positions, cache=self.cache, slots=slot_index, logits_index=torch.zeros(len(rows), dtype=torch.long)
         )
-        return [self._accept(sequence, row) for sequence, row in zip(list(running), logits)]
+        return [self._accept(sequence, row) for sequence, row in zip(running, logits)]
 
     def _accept(self, sequence: Sequence, logits: torch.Tensor) -> Event:
         event = accept_token(sequence, logits, logits, sequence.request.prompt_ids, self.eos, self.tokenizer)

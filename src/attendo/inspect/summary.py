@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from attendo.model import Model
+from attendo.optimize import HalfLinear, Int8Linear
+
+
+def _weights(model: Model) -> Iterator[tuple[int, str]]:
+    """(number of values, dtype as stored) of every weight tensor; tied weights count once.
+    The speed-up passes keep their weights in buffers, so those are counted from the layers."""
+    for p in model.network.parameters():
+        yield p.numel(), str(p.dtype).removeprefix("torch.")
+    for module in model.network.modules():
+        if isinstance(module, Int8Linear):
+            yield module.scale.numel() * module.in_features, "int8"
+        elif isinstance(module, HalfLinear):
+            yield module.weight.numel(), str(module.weight.dtype).removeprefix("torch.")
 
 
 def parameter_count(model: Model) -> int:
-    return sum(p.numel() for p in model.network.parameters())  # tied weights count once
+    return sum(n for n, _ in _weights(model))
 
 
 def describe(model: Model) -> dict[str, Any]:
     c = model.config
-    dtypes = Counter(str(p.dtype).removeprefix("torch.") for p in model.network.parameters())
+    dtypes = Counter(dtype for _, dtype in _weights(model))
     attention = "multi-head" if c.n_kv_heads == c.n_heads else f"grouped-query ({c.n_heads // c.n_kv_heads} queries per key/value head)"
     mlp = ("gated " if c.mlp_gated else "") + c.activation
     return {

@@ -37,7 +37,7 @@ class DecoderLM(nn.Module):
         """(Re)compute the fixed position tables. They are buffers that follow from the config and
         are not stored with the weights, so a loader that built the model on the meta device calls
         this once the weights are in place."""
-        config, device = self.config, self.embed.weight.device
+        config, device = self.config, next(self.parameters()).device
         if config.positions == "rope":
             cos, sin = rope_tables(config.context_length, config.rope_dims, config.rope_theta)
             self.register_buffer("rope_cos", cos.to(device), persistent=False)
@@ -50,9 +50,10 @@ class DecoderLM(nn.Module):
 
     def new_cache(self, slots: int, max_len: int | None = None, fixed_shapes: bool = False) -> KVCache:
         c = self.config
-        weight = self.embed.weight
+        # The activations' dtype: quantized weights live in buffers, the float parameters remain.
+        like = next(self.parameters())
         return KVCache(
-            c.n_layers, slots, c.n_kv_heads, max_len or c.context_length, c.head_dim, weight.dtype, weight.device,
+            c.n_layers, slots, c.n_kv_heads, max_len or c.context_length, c.head_dim, like.dtype, like.device,
             fixed_shapes,
         )
 

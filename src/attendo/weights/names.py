@@ -3,7 +3,7 @@
 A rule says which source tensors make one of our parameters and how they combine: our attention
 has one fused q/k/v projection and our gated MLP one fused gate/up projection, so separate source
 matrices are concatenated; GPT-2 stores its linear layers transposed (Conv1D). The loader applies
-the rules to meta tensors first, which checks every name and shape before any data is read.
+the rules to empty stand-ins first, which checks every name and shape before any data is read.
 """
 
 from __future__ import annotations
