@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 
 import pytest
 import torch
 
 import attendo
 from attendo.inspect.summary import describe
-from attendo.optimize import HalfLinear, Int8Embedding, Int8Linear, half_weights, int8_weights
+from attendo.optimize import HalfLinear, PackedEmbedding, PackedLinear, half_weights, quantize_weights
 
 PROMPTS = ["Hello world!", "def add(a, b):", "The capital of France is Paris. The"]
 needs_compiler = pytest.mark.skipif(
@@ -27,34 +28,41 @@ def _rounded_to_half(model: attendo.Model) -> attendo.Model:
     return model
 
 
-def _rounded_to_int8(model: attendo.Model) -> attendo.Model:
-    """The same model with every linear weight and the embedding rounded to the int8 grid of
-    Int8Linear (one scale per row) and kept as float32: the reference for int8_weights."""
-    with torch.no_grad():
-        for module in model.network.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                module.weight.copy_(Int8Linear(module.weight, None).dequantized())
-    return model
+def _rounded_to(bits: int) -> Callable[[attendo.Model], attendo.Model]:
+    def rounded(model: attendo.Model) -> attendo.Model:
+        """The same model with every linear weight and the embedding rounded to the grid of
+        PackedLinear and kept as float32: the reference for quantize_weights."""
+        with torch.no_grad():
+            for module in model.network.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                    module.weight.copy_(PackedLinear(module.weight, None, bits).dequantized())
+        return model
+
+    return rounded
 
 
-def test_int8_rows_round_trip_within_half_a_step():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_packed_rows_round_trip_within_half_a_step(bits):
     torch.manual_seed(0)
     weight = torch.randn(37, 24) * torch.rand(37, 1)  # rows of different ranges
-    weight[5] = 0  # an all-zero row must not divide by zero
-    layer = Int8Linear(weight, None)
-    assert layer.words.numel() * 4 == weight.numel()  # one byte per weight
-    step = weight.abs().amax(1, keepdim=True) / 127
-    assert ((layer.dequantized() - weight).abs() <= step / 2 + 1e-7).all()
-    assert torch.equal(layer.dequantized()[5], torch.zeros(24))
+    weight[5] = 0.25  # a constant group must not divide by zero
+    layer = PackedLinear(weight, None, bits)
+    assert layer.words.numel() * 32 == weight.numel() * bits
+    groups = weight.view(37, 32 // bits, -1)
+    step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / (2**bits - 1)
+    error = (layer.dequantized().view_as(groups) - groups).abs()
+    assert (error <= step / 2 + 1e-6).all()
+    assert torch.equal(layer.dequantized()[5], weight[5])
     index = torch.tensor([[3, 0], [36, 3]])
     assert torch.equal(layer.rows(index), layer.dequantized()[index])
 
 
 @needs_compiler
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 3, 20])
-def test_int8_compiled_product_equals_the_matrix_multiply(rows):
+def test_packed_compiled_product_equals_the_matrix_multiply(rows, bits):
     torch.manual_seed(rows)
-    layer = Int8Linear(torch.randn(48, 32), torch.randn(48))
+    layer = PackedLinear(torch.randn(48, 32), torch.randn(48), bits)
     x = torch.randn(rows, 1, 32)
     expected = x @ layer.dequantized().T + layer.bias
     got = torch.compile(layer, dynamic=False)(x)
@@ -74,25 +82,28 @@ def test_half_weights_stores_16_bits_and_matches_rounded_float32(tiny_llama_dir)
     assert torch.allclose(model.logits(ids), reference.logits(ids), atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("kind, tied", [("llama-gqa", False), ("llama-tied", True)])
-def test_int8_weights_keep_one_byte_per_weight_and_match_rounded_float32(tiny_model, kind, tied):
+def test_quantized_weights_take_their_bits_and_match_rounded_float32(tiny_model, kind, tied, bits):
     directory = tiny_model(kind)[0]
-    reference = _rounded_to_int8(attendo.load(directory))
+    reference = _rounded_to(bits)(attendo.load(directory))
     model = attendo.load(directory)
-    float_bytes = sum(p.nbytes for p in model.network.parameters())
-    int8_weights(model.network)
+    matrices = {id(m.weight): m.weight for m in model.network.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    float_bytes = sum(w.nbytes for w in matrices.values())  # tied weights count once
+    quantize_weights(model.network, bits)
     network = model.network
     assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) for m in network.modules())
-    assert isinstance(network.embed, Int8Embedding) and (network.embed.table is network.lm_head) == tied
-    stored = sum(t.nbytes for t in [*network.parameters(), *network.buffers()] if t.dim() > 0)
-    rope_tables = network.rope_cos.nbytes + network.rope_sin.nbytes
-    assert stored - rope_tables < 0.3 * float_bytes
+    assert isinstance(network.embed, PackedEmbedding) and (network.embed.table is network.lm_head) == tied
+    packed = [m for m in network.modules() if isinstance(m, PackedLinear)]
+    assert sum(m.words.nbytes for m in packed) * 32 == float_bytes * bits
     ids = [model.tokenizer.encode(PROMPTS[2])]
     assert torch.allclose(model.logits(ids), reference.logits(ids), atol=1e-4)
 
 
 @needs_compiler
-@pytest.mark.parametrize("weights, rounded", [("float16", _rounded_to_half), ("int8", _rounded_to_int8)])
+@pytest.mark.parametrize(
+    "weights, rounded", [("float16", _rounded_to_half), ("int8", _rounded_to(8)), ("int4", _rounded_to(4))]
+)
 def test_compiled_decode_gives_the_same_tokens(tiny_llama_dir, weights, rounded):
     reference = rounded(attendo.load(tiny_llama_dir))
     model = attendo.load(tiny_llama_dir).speed_up(weights)
@@ -107,18 +118,19 @@ def test_compiled_decode_gives_the_same_tokens(tiny_llama_dir, weights, rounded)
 
 
 def test_unknown_weight_format_is_refused(tiny_llama_dir):
-    with pytest.raises(attendo.errors.InvalidSettingError, match="int4"):
-        attendo.load(tiny_llama_dir).speed_up("int4", compile=False)
+    with pytest.raises(attendo.errors.InvalidSettingError, match="int3"):
+        attendo.load(tiny_llama_dir).speed_up("int3", compile=False)
 
 
+@pytest.mark.parametrize("weights, bits", [("int8", 8), ("int4", 4)])
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied"])
-def test_loading_as_int8_equals_quantizing_after_loading(tiny_model, kind):
+def test_loading_quantized_equals_quantizing_after_loading(tiny_model, kind, weights, bits):
     directory = tiny_model(kind)[0]
-    loaded = attendo.load(directory, dtype="int8")
+    loaded = attendo.load(directory, dtype=weights)
     converted = attendo.load(directory)
-    int8_weights(converted.network)
+    quantize_weights(converted.network, bits)
     assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) for m in loaded.network.modules())
     ids = [loaded.tokenizer.encode(PROMPTS[1])]
     assert torch.equal(loaded.logits(ids), converted.logits(ids))
     assert describe(loaded)["parameters"] == describe(converted)["parameters"]
-    assert "tensors int8" in describe(loaded)["weights in memory"]
+    assert f"tensors {weights}" in describe(loaded)["weights in memory"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,16 +31,16 @@ from attendo.weights.safetensors_dir import PICKLE_SUFFIXES, read_hf_directory, 
 from attendo.weights.source import Checkpoint, TensorSource
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-INT8 = "int8"  # weight-only quantization: int8 weights, float32 activations (attendo.optimize)
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None or dtype == INT8:
+    """The dtype weights are read in; the quantized formats (int8, int4) are made from float32."""
+    if dtype is None or dtype in optimize.QUANTIZED_BITS:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        choices = ", ".join([*_DTYPES, INT8])
+        choices = ", ".join([*_DTYPES, *optimize.QUANTIZED_BITS])
         raise UnsupportedModelError(f"dtype {dtype!r} is not supported (use one of {choices})")
     return _DTYPES[dtype]
 
@@ -104,8 +105,8 @@ def load(source: str | Path, dtype: torch.dtype | str | None = None) -> Model:
     """Load a model from a registered name, a Hugging Face-format directory, or a .gguf file.
 
     dtype: the weights' dtype in memory: float32 (the default; a GGUF file is dequantized to it),
-    float16, bfloat16, or "int8" for weight-only quantization (a quarter of float32's memory; fast
-    once ``speed_up()`` compiles the decode step).
+    float16, bfloat16, or "int8" / "int4" for weight-only quantization (a quarter / an eighth of
+    float32's memory, plus the groups' scales; fast once ``speed_up()`` compiles the decode step).
     """
     path = resolve(source)
     torch_dtype = parse_dtype(dtype)
@@ -116,7 +117,9 @@ def load(source: str | Path, dtype: torch.dtype | str | None = None) -> Model:
     config = fit_head(config, model_type, rules, available)
     with _on_meta_device():
         network = build_network(config)
-    quantize = optimize.int8_weights if dtype == INT8 else None
+    quantize = None
+    if isinstance(dtype, str) and dtype in optimize.QUANTIZED_BITS:
+        quantize = partial(optimize.quantize_weights, bits=optimize.QUANTIZED_BITS[dtype])
     load_weights(network, checkpoint.tensors, rules, torch_dtype, settle=quantize)
     if config.tie_embeddings and config.lm_head:
         network.lm_head.weight = network.embed.weight

@@ -33,16 +33,18 @@ class Model:
         self.decode_step: Callable[..., torch.Tensor] | None = None
 
     def speed_up(self, weights: str = "int8", compile: bool = True) -> Model:
-        """Faster decoding (see attendo.optimize): weights stored as "int8" (weight-only
-        quantization, the fastest), "float16", "bfloat16" or kept "float32", and a compiled decode
-        step. The first generation after this compiles (tens of seconds); later ones reuse it.
-        Quantized weights are only fast in the compiled step: without it they are for saving memory."""
-        if weights == "int8":
-            optimize.int8_weights(self.network)
+        """Faster decoding (see attendo.optimize): weights stored as "int8" or "int4" (weight-only
+        quantization), "float16", "bfloat16" or kept "float32", and a compiled decode step. The
+        first generation after this compiles (a minute or more); later ones reuse it. Quantized
+        weights are only fast in the compiled step: without it they are for saving memory."""
+        if weights in optimize.QUANTIZED_BITS:
+            optimize.quantize_weights(self.network, optimize.QUANTIZED_BITS[weights])
         elif weights in ("float16", "bfloat16"):
             optimize.half_weights(self.network, getattr(torch, weights))
         elif weights != "float32":
-            raise InvalidSettingError(f"unknown weight format {weights!r} (use int8, float16, bfloat16 or float32)")
+            raise InvalidSettingError(
+                f"unknown weight format {weights!r} (use int8, int4, float16, bfloat16 or float32)"
+            )
         if compile:
             self.decode_step = optimize.compile_decode(self.network)
         return self

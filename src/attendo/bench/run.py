@@ -19,12 +19,15 @@ from attendo.bench.workload import Workload
 # The configuration peers are compared with: int8 weights and a compiled decode step.
 REFERENCE = "attendo --fast"
 
+# label, and whether higher is better (None: a property, not a speed, so no ratio).
 METRICS = {
     "load_s": ("cold load (s)", False),
     "prefill_tps": ("prefill tok/s", True),
     "decode_tps": ("decode tok/s, batch 1", True),
     "batch_tps": ("decode tok/s, batch 8 total", True),
     "peak_rss_mb": ("peak memory (MB)", False),
+    "runtime_rss_mb": ("of which runtime before loading (MB)", None),
+    "perplexity": ("perplexity of the 512-token prompt", None),
 }
 
 
@@ -112,7 +115,7 @@ def format_table(report: dict[str, Any]) -> str:
                 cells.append("n/a")
                 continue
             cell = f"{value['median']:.3g} ({value['min']:.3g}-{value['max']:.3g})"
-            if not engine.startswith("attendo") and ours and ours[key]:
+            if not engine.startswith("attendo") and ours and ours[key] and higher_is_better is not None:
                 ratio = ours[key]["median"] / value["median"] if higher_is_better else value["median"] / ours[key]["median"]
                 cell += f", attendo {ratio:.2f}x"
             cells.append(cell)
@@ -147,7 +150,7 @@ def main(
     also: Sequence[str] = (),
 ) -> str:
     """Measure attendo and the available peers; returns the table (and writes JSON to out).
-    also: more weight formats for the fast path to measure beside int8 (float16, bfloat16)."""
+    also: more weight formats for the fast path to measure beside int8 (int4, float16, bfloat16)."""
     from attendo.registry import resolve
 
     path = str(resolve(model))

@@ -20,7 +20,21 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _figures(work: Workload, load_s: float, prefill_s: float, decode_s: float, batch_s: float | None) -> dict[str, Any]:
+def _rss_mb() -> float:
+    """Resident memory now (the runtime's, when called after the imports and before loading)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _figures(
+    work: Workload,
+    load_s: float,
+    prefill_s: float,
+    decode_s: float,
+    batch_s: float | None,
+    runtime_mb: float,
+    perplexity: float | None,
+) -> dict[str, Any]:
     """Seconds measured → the reported rates (decode excludes the first token, which prefill made)."""
     return {
         "load_s": load_s,
@@ -28,7 +42,16 @@ def _figures(work: Workload, load_s: float, prefill_s: float, decode_s: float, b
         "decode_tps": (work.new_tokens - 1) / decode_s,
         "batch_tps": None if batch_s is None else work.batch * (work.new_tokens - 1) / batch_s,
         "peak_rss_mb": _peak_rss_mb(),
+        "runtime_rss_mb": runtime_mb,
+        "perplexity": perplexity,
     }
+
+
+def _perplexity(logits: Any, ids: list[int]) -> float:
+    """exp(mean cross-entropy) of each next token of ids under logits (len(ids), vocab)."""
+    import torch
+
+    return float(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])).exp())
 
 
 def run_attendo(path: str, work: Workload, options: dict[str, Any]) -> dict[str, Any]:
@@ -41,8 +64,9 @@ def run_attendo(path: str, work: Workload, options: dict[str, Any]) -> dict[str,
     from attendo.generation.sampler import SamplingSettings
     from attendo.inspect.summary import parameter_count
 
+    runtime_mb = _rss_mb()
     weights = options.get("fast_weights")  # None: float32, run eagerly
-    model = attendo.load(path, dtype="int8" if weights == "int8" else options.get("dtype"))
+    model = attendo.load(path, dtype=weights if weights in ("int8", "int4") else options.get("dtype"))
     load_s = time.perf_counter() - start
     if weights:
         model.speed_up(weights)
@@ -73,7 +97,8 @@ def run_attendo(path: str, work: Workload, options: dict[str, Any]) -> dict[str,
     prefill_s, decode_s = generate(single, work.new_tokens)
     generate(rows, work.new_tokens)
     _, batch_s = generate(rows, work.new_tokens)
-    return _figures(work, load_s, prefill_s, decode_s, batch_s) | {
+    perplexity = _perplexity(model.logits([single[0]])[0], single[0])
+    return _figures(work, load_s, prefill_s, decode_s, batch_s, runtime_mb, perplexity) | {
         "weight_bytes_per_token": weight_bytes_per_token(model.network),
         "parameters": parameter_count(model),
     }
@@ -101,6 +126,7 @@ def run_transformers(path: str, work: Workload, options: dict[str, Any]) -> dict
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    runtime_mb = _rss_mb()
     file = Path(path)
     model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
@@ -123,13 +149,16 @@ def run_transformers(path: str, work: Workload, options: dict[str, Any]) -> dict
     decode_s = generate([prompt], work.new_tokens) - prefill_s
     rows = [prompt_ids(encode, work.batch_prompt_tokens, v) for v in range(work.batch)]
     batch_s = generate(rows, work.new_tokens) - generate(rows, 1)
-    return _figures(work, load_s, prefill_s, decode_s, batch_s)
+    with torch.inference_mode():
+        perplexity = _perplexity(model(torch.tensor([prompt])).logits[0], prompt)
+    return _figures(work, load_s, prefill_s, decode_s, batch_s, runtime_mb, perplexity)
 
 
 def run_llama_cpp(path: str, work: Workload, options: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     from llama_cpp import Llama
 
+    runtime_mb = _rss_mb()
     llm = Llama(
         model_path=path, n_ctx=work.prompt_tokens + work.new_tokens + 16, n_threads=work.threads,
         n_threads_batch=work.threads, n_batch=work.prompt_tokens, verbose=False,
@@ -147,7 +176,9 @@ def run_llama_cpp(path: str, work: Workload, options: dict[str, Any]) -> dict[st
         llm.eval([token])
         token = llm.sample(top_k=1)
     t2 = time.perf_counter()
-    return _figures(work, load_s, t1 - t0, t2 - t1, None)  # the Python binding decodes one sequence at a time
+    # The Python binding decodes one sequence at a time; its logits of every position need a
+    # differently configured context, so no perplexity.
+    return _figures(work, load_s, t1 - t0, t2 - t1, None, runtime_mb, None)
 
 
 def run_attendo_fast(path: str, work: Workload, options: dict[str, Any], weights: str = "int8") -> dict[str, Any]:
@@ -157,6 +188,7 @@ def run_attendo_fast(path: str, work: Workload, options: dict[str, Any], weights
 ENGINES = {
     "attendo": run_attendo,
     "attendo --fast": run_attendo_fast,
+    "attendo --fast int4": partial(run_attendo_fast, weights="int4"),
     "attendo --fast float16": partial(run_attendo_fast, weights="float16"),
     "attendo --fast bfloat16": partial(run_attendo_fast, weights="bfloat16"),
     "transformers": run_transformers,
