@@ -69,8 +69,6 @@ def attend(
 ) -> torch.Tensor:
     """q (batch, heads, queries, head_dim); k, v (batch, kv_heads, keys, head_dim)."""
     groups = q.shape[1] // k.shape[1]
-    if record is None and torch.compiler.is_compiling() and q.shape[2] == 1:
-        return _one_query_attention(q, k, v, mask, scale)
     if record is None:  # the fused kernel shares each key/value head among its query heads itself
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
@@ -82,22 +80,6 @@ def attend(
     weights = scores.softmax(dim=-1)
     record.append(weights)
     return weights.to(v.dtype) @ v
-
-
-def _one_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """The decode step's attention as sums of products, which torch.compile fuses into a few loops
-    (calling the fused kernel costs more than the work itself for one query). Query heads are
-    grouped under their key/value head by a view, so keys and values are never copied."""
-    batch, heads, _, head_dim = q.shape
-    kv_heads, keys = k.shape[1], k.shape[2]
-    grouped = q.view(batch, kv_heads, heads // kv_heads, 1, head_dim)
-    scores = (grouped * k[:, :, None]).sum(-1).view(batch, heads, 1, keys) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    weights = scores.softmax(dim=-1).view(batch, kv_heads, heads // kv_heads, keys, 1)
-    return (weights * v[:, :, None]).sum(-2).view(batch, heads, 1, head_dim)
 
 
 class SelfAttention(nn.Module):
