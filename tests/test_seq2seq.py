@@ -288,3 +288,17 @@ def test_cli_generates_with_an_encoder_decoder(pair, capsys):
     for extra, settings in (([], {}), (["--num-beams", "3"], {"num_beams": 3})):
         assert main(["generate", "--model", str(model.source), SENTENCES[1], "-n", "6", *extra]) == 0
         assert capsys.readouterr().out == model.generate(SENTENCES[1], max_new_tokens=6, **settings).text + "\n"
+
+
+def test_int8_weights_generate_like_the_float_model_rounded_to_int8(pair):
+    from attendo.optimize import PackedLinear
+
+    model, _ = pair
+    rounded = attendo.load(model.source)
+    with torch.no_grad():
+        for module in rounded.network.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.copy_(PackedLinear(module.weight, None, 8).dequantized())
+    quantized = attendo.load(model.source, dtype="int8")
+    for text in SENTENCES[1:3]:
+        assert quantized.generate(text, max_new_tokens=10).token_ids == rounded.generate(text, max_new_tokens=10).token_ids

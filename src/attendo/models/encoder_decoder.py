@@ -34,9 +34,10 @@ class EncoderDecoderLM(nn.Module):
 
     def new_cache(self, slots: int, max_len: int | None = None) -> KVCache:
         """The decoder's self-attention cache (cross-attention keys live in the EncoderMemory)."""
-        c, weight = self.config, self.embed.weight
+        c = self.config
+        like = next(self.parameters())  # the activations' dtype: quantized weights live in buffers
         return KVCache(
-            c.decoder_layers, slots, c.n_kv_heads, max_len or c.context_length, c.head_dim, weight.dtype, weight.device
+            c.decoder_layers, slots, c.n_kv_heads, max_len or c.context_length, c.head_dim, like.dtype, like.device
         )
 
     def encode(

@@ -55,7 +55,7 @@ class Stack(nn.Module):
     def reset_tables(self) -> None:
         """(Re)compute the fixed sinusoid table (a buffer that is never stored with the weights)."""
         if self.config.positions == "sinusoidal":
-            device = self.blocks[0].attn.qkv.weight.device
+            device = next(self.parameters()).device
             table = sinusoidal_table(self.config.context_length, self.config.dim)
             self.register_buffer("sinusoids", table.to(device), persistent=False)
 
