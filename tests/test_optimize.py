@@ -1,21 +1,32 @@
-"""The speed-up passes (attendo.optimize) change how fast a model runs, not what it says."""
+"""The speed-up passes (attendo.optimize) and the block kernel (attendo.kernels) change how fast a
+model runs, not what it says. Quantized models are checked against quantized_reference (the
+kernel's rounding in plain torch), and the rounding of weights against gguf's own quantizer."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
 
 import attendo
+from attendo import kernels, optimize
 from attendo.inspect.summary import describe
-from attendo.optimize import HalfLinear, PackedEmbedding, PackedLinear, half_weights, quantize_weights
+from attendo.optimize import BlockEmbedding, BlockLinear, HalfLinear, half_weights, quantize_weights
+from attendo.weights import ggml_blocks
+from quantized_reference import products_checked, reference_forward, reference_products
 
 PROMPTS = ["Hello world!", "def add(a, b):", "The capital of France is Paris. The"]
+FORMATS = [Q.Q8_0, Q.Q4_0, Q.Q4_1]
 needs_compiler = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile needs a C++ compiler"
 )
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"no block kernel: {kernels.unavailable_reason()}")
 
 
 def _rounded_to_half(model: attendo.Model) -> attendo.Model:
@@ -28,47 +39,62 @@ def _rounded_to_half(model: attendo.Model) -> attendo.Model:
     return model
 
 
-def _rounded_to(bits: int) -> Callable[[attendo.Model], attendo.Model]:
-    def rounded(model: attendo.Model) -> attendo.Model:
-        """The same model with every linear weight and the embedding rounded to the grid of
-        PackedLinear and kept as float32: the reference for quantize_weights."""
-        with torch.no_grad():
-            for module in model.network.modules():
-                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                    module.weight.copy_(PackedLinear(module.weight, None, bits).dequantized())
-        return model
-
-    return rounded
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_packed_rows_round_trip_within_half_a_step(bits):
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_encoding_matches_gguf_quantizer_and_round_trips(qtype):
     torch.manual_seed(0)
-    weight = torch.randn(37, 24) * torch.rand(37, 1)  # rows of different ranges
-    weight[5] = 0.25  # a constant group must not divide by zero
-    layer = PackedLinear(weight, None, bits)
-    assert layer.words.numel() * 32 == weight.numel() * bits
-    groups = weight.view(37, 32 // bits, -1)
-    step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / (2**bits - 1)
-    error = (layer.dequantized().view_as(groups) - groups).abs()
-    assert (error <= step / 2 + 1e-6).all()
-    assert torch.equal(layer.dequantized()[5], weight[5])
+    weight = torch.randn(37, 96) * torch.rand(37, 1)  # rows of different ranges
+    weight[5] = 0.0  # an all-zero block must not divide by zero
+    blocks = ggml_blocks.encode(weight, qtype)
+    assert blocks.dtype == torch.uint8 and blocks.shape[0] == 37
+    assert np.array_equal(blocks.numpy().reshape(-1), quantize(weight.numpy(), qtype).reshape(-1))
+    decoded = ggml_blocks.decode(blocks.reshape(-1), qtype, weight.shape)
+    assert torch.equal(decoded, torch.from_numpy(dequantize(blocks.numpy(), qtype).reshape(37, 96)))
+    assert torch.equal(decoded[5], weight[5])
+    layer = BlockLinear(blocks, qtype, 96)
+    assert torch.equal(layer.dequantized(), decoded)  # the kernel's dequantization, where it exists
     index = torch.tensor([[3, 0], [36, 3]])
-    assert torch.equal(layer.rows(index), layer.dequantized()[index])
+    assert torch.equal(layer.rows(index), decoded[index])
 
 
-@needs_compiler
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("rows", [1, 3, 20])
-def test_packed_compiled_product_equals_the_matrix_multiply(rows, bits):
+@needs_kernel
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 64, 65])
+def test_block_product_equals_its_reference(qtype, rows):
     torch.manual_seed(rows)
-    layer = PackedLinear(torch.randn(48, 32), torch.randn(48), bits)
-    x = torch.randn(rows, 1, 32)
-    expected = x @ layer.dequantized().T + layer.bias
-    got = torch.compile(layer, dynamic=False)(x)
-    assert got.shape == (rows, 1, 48)
-    assert torch.allclose(got, expected, atol=1e-4)
-    assert torch.allclose(layer(x), expected, atol=1e-4)
+    weight, bias = torch.randn(70, 96), torch.randn(70)
+    layer = BlockLinear.quantize(weight, bias, qtype)
+    x = torch.randn(rows, 1, 96) * 3
+    expected = reference_forward(layer, x)
+    assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-4)
+    # the product stays close to the float one (the rounding's error, not a wrong sum)
+    error = (layer(x) - F.linear(x, weight, bias)).norm() / F.linear(x, weight, bias).norm()
+    assert error < (0.02 if qtype == Q.Q8_0 else 0.2)
+
+
+@needs_kernel
+@needs_compiler
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1])
+def test_compiled_block_product_calls_the_kernel(qtype):
+    torch.manual_seed(1)
+    layer = BlockLinear.quantize(torch.randn(48, 64), torch.randn(48), qtype)
+    x = torch.randn(3, 1, 64)
+    got = torch.compile(layer, dynamic=False, fullgraph=True)(x)
+    assert torch.allclose(got, reference_forward(layer, x), rtol=1e-5, atol=1e-4)
+
+
+def test_without_a_compiler_the_kernel_is_unavailable_and_layers_fall_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    kernels._library.cache_clear()
+    try:
+        assert not kernels.available()
+        assert "no-such-cc" in kernels.unavailable_reason()
+        layer = BlockLinear.quantize(torch.randn(16, 32), None, Q.Q4_1)
+        x = torch.randn(2, 32)
+        assert not layer.use_kernel
+        assert torch.allclose(layer(x), x @ layer.dequantized().T, atol=1e-5)
+    finally:
+        kernels._library.cache_clear()
 
 
 def test_half_weights_stores_16_bits_and_matches_rounded_float32(tiny_llama_dir):
@@ -82,30 +108,41 @@ def test_half_weights_stores_16_bits_and_matches_rounded_float32(tiny_llama_dir)
     assert torch.allclose(model.logits(ids), reference.logits(ids), atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("weights", ["int8", "int4", "q4_0"])
 @pytest.mark.parametrize("kind, tied", [("llama-gqa", False), ("llama-tied", True)])
-def test_quantized_weights_take_their_bits_and_match_rounded_float32(tiny_model, kind, tied, bits):
+def test_quantized_weights_take_their_bytes_and_match_the_reference(tiny_model, kind, tied, weights):
     directory = tiny_model(kind)[0]
-    reference = _rounded_to(bits)(attendo.load(directory))
+    qtype = optimize.QUANTIZED_FORMATS[weights]
     model = attendo.load(directory)
     matrices = {id(m.weight): m.weight for m in model.network.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
-    float_bytes = sum(w.nbytes for w in matrices.values())  # tied weights count once
-    quantize_weights(model.network, bits)
+    values = sum(w.numel() for w in matrices.values())  # tied weights count once
+    quantize_weights(model.network, qtype)
     network = model.network
     assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) for m in network.modules())
-    assert isinstance(network.embed, PackedEmbedding) and (network.embed.table is network.lm_head) == tied
-    packed = [m for m in network.modules() if isinstance(m, PackedLinear)]
-    assert sum(m.words.nbytes for m in packed) * 32 == float_bytes * bits
+    assert isinstance(network.embed, BlockEmbedding) and (network.embed.table is network.lm_head) == tied
+    blocks = {id(m.blocks): m.blocks for m in network.modules() if isinstance(m, BlockLinear)}
+    bytes_per_block = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}[qtype]
+    assert sum(b.nbytes for b in blocks.values()) == values // 32 * bytes_per_block
     ids = [model.tokenizer.encode(PROMPTS[2])]
-    assert torch.allclose(model.logits(ids), reference.logits(ids), atol=1e-4)
+    with products_checked() as agreed:
+        got = model.logits(ids)
+    assert len(agreed) == len(network.blocks) * 4 + 1 and all(agreed)
+    with reference_products():
+        expected = model.logits(ids)
+    assert (got - expected).norm() / expected.norm() < 0.02
+
+
+def _quantized(weights: str) -> Callable[[attendo.Model], attendo.Model]:
+    return lambda model: model.speed_up(weights, compile=False)
 
 
 @needs_compiler
 @pytest.mark.parametrize(
-    "weights, rounded", [("float16", _rounded_to_half), ("int8", _rounded_to(8)), ("int4", _rounded_to(4))]
+    "weights, reference", [("float16", _rounded_to_half), ("int8", _quantized("int8")), ("int4", _quantized("int4"))]
 )
-def test_compiled_decode_gives_the_same_tokens(tiny_llama_dir, weights, rounded):
-    reference = rounded(attendo.load(tiny_llama_dir))
+def test_compiled_decode_gives_the_same_tokens(tiny_llama_dir, weights, reference):
+    """Compiling changes how the step runs, not a token: the reference is the same weights, eager."""
+    reference = reference(attendo.load(tiny_llama_dir))
     model = attendo.load(tiny_llama_dir).speed_up(weights)
     assert model.decode_step is not None
     # Three prompts decode as a batch of four rows (rounded up to a power of two).
@@ -122,15 +159,15 @@ def test_unknown_weight_format_is_refused(tiny_llama_dir):
         attendo.load(tiny_llama_dir).speed_up("int3", compile=False)
 
 
-@pytest.mark.parametrize("weights, bits", [("int8", 8), ("int4", 4)])
+@pytest.mark.parametrize("weights", ["int8", "int4"])
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied"])
-def test_loading_quantized_equals_quantizing_after_loading(tiny_model, kind, weights, bits):
+def test_loading_quantized_equals_quantizing_after_loading(tiny_model, kind, weights):
     directory = tiny_model(kind)[0]
     loaded = attendo.load(directory, dtype=weights)
     converted = attendo.load(directory)
-    quantize_weights(converted.network, bits)
+    quantize_weights(converted.network, optimize.QUANTIZED_FORMATS[weights])
     assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) for m in loaded.network.modules())
     ids = [loaded.tokenizer.encode(PROMPTS[1])]
     assert torch.equal(loaded.logits(ids), converted.logits(ids))
     assert describe(loaded)["parameters"] == describe(converted)["parameters"]
-    assert f"tensors {weights}" in describe(loaded)["weights in memory"]
+    assert f"tensors {optimize.QUANTIZED_FORMATS[weights].name.lower()}" in describe(loaded)["weights in memory"]

@@ -674,6 +674,9 @@ def test_smollm2_chat_over_http_equals_the_python_api():
         )
         model = server.models.served["smollm2-135m-instruct"].model
         assert result.choices[0].message.content == model.chat(messages, max_new_tokens=8, do_sample=False).text
-        assert "Paris" in result.choices[0].message.content
+        completion = server.client().completions.create(
+            model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=3, temperature=0
+        )
+        assert "Paris" in completion.choices[0].text
     finally:
         server.stop()

@@ -1,5 +1,6 @@
 """The real bundled model, SmolLM2-135M-Instruct (GGUF Q4_1), against transformers reading the same
-file (which dequantizes it to float32, as attendo does). Each model is loaded once per module."""
+file (which dequantizes it to float32, as attendo does with dtype="float32"), and attendo's default
+load, which keeps the file's blocks. Each model is loaded once per module."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def smol():
-    return attendo.load(NAME)
+    return attendo.load(NAME, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,25 @@ def test_cli_generate_knows_the_capital_of_france(smol, capsys, monkeypatch):
 def _perplexity(model: attendo.Model, ids: list[int]) -> float:
     logits = model.logits([ids])[0, :-1]
     return float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).exp())
+
+
+def test_by_default_the_file_blocks_stay_in_memory_and_speak_as_float32(smol, smollm2_path):
+    """The default load multiplies by the file's own Q4_1 (and Q8_0 embedding) blocks: the
+    matrices take what they take in the file, and the text's perplexity stays within 1%."""
+    from attendo.bench.workload import PASSAGE
+    from attendo.optimize import BlockLinear
+    from attendo.weights.gguf import read_header
+
+    model = attendo.load(NAME)
+    layers = {id(m): m for m in model.network.modules() if isinstance(m, BlockLinear)}
+    assert {m.qtype.name for m in layers.values()} == {"Q4_1", "Q8_0"}
+    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) for m in model.network.modules())
+    _, infos = read_header(smollm2_path)
+    assert sum(m.blocks.nbytes for m in layers.values()) == sum(i.n_bytes for i in infos.values() if len(i.shape) == 2)
+    ids = smol.tokenizer.encode(PASSAGE * 2, add_special_tokens=False)
+    reference, got = _perplexity(smol, ids[:64]), _perplexity(model, ids[:64])  # 64 rows: the kernel's
+    assert abs(got / reference - 1) < 0.01, (reference, got)
+    assert model.generate("The capital of France is", max_new_tokens=3, do_sample=False).text.strip().startswith("Paris")
 
 
 def test_int8_weights_stay_within_a_percent_of_float32_perplexity(smol):

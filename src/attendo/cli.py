@@ -21,7 +21,11 @@ class UsageError(AttendoError):
 
 def _add_model(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
     parser.add_argument("--model", "-m", default=default, help=f"name, directory or .gguf file (default {default})")
-    parser.add_argument("--dtype", default=None, help="weights in memory: float32 (default), bfloat16, float16, int8 or int4")
+    parser.add_argument(
+        "--dtype", default=None,
+        help="weights in memory: float32, bfloat16, float16, int8 or int4 (default: a GGUF file's "
+        "Q8_0/Q4_0/Q4_1 blocks as they are, float32 for everything else)",
+    )
 
 
 def _add_generation(parser: argparse.ArgumentParser) -> None:
@@ -35,10 +39,10 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating earlier tokens")
     g.add_argument("--stop", action="append", default=None, help="a string that ends generation (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    g.add_argument("--fast", action="store_true", help="int8 weights and a compiled decode step (the first run compiles)")
+    g.add_argument("--fast", action="store_true", help="quantized weights and a compiled decode step (the first run compiles)")
     g.add_argument(
-        "--fast-weights", choices=["int8", "int4", "float16", "bfloat16", "float32"], default="int8",
-        help="with --fast: how the weights are stored (default int8)",
+        "--fast-weights", choices=["int8", "int4", "float16", "bfloat16", "float32"], default=None,
+        help="with --fast: how the weights are stored (default: a GGUF file's blocks as they are, int8 for float weights)",
     )
     g.add_argument("--num-beams", type=int, default=None, help="beam search: follow this many likeliest sequences")
     g.add_argument("--length-penalty", type=float, default=None, help="beam search: > 0 favours longer outputs, < 0 shorter")
@@ -78,12 +82,12 @@ def _settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace) -> Any:
     from attendo.loader import load
-    from attendo.optimize import QUANTIZED_BITS
+    from attendo.optimize import QUANTIZED_FORMATS
 
     fast = getattr(args, "fast", False)
     # Quantizing while loading keeps only one block in float32 at a time.
-    model = load(args.model, dtype=args.fast_weights if fast and args.fast_weights in QUANTIZED_BITS else args.dtype)
-    return model.speed_up(args.fast_weights) if fast else model
+    model = load(args.model, dtype=args.fast_weights if fast and args.fast_weights in QUANTIZED_FORMATS else args.dtype)
+    return model.speed_up(args.fast_weights or "int8") if fast else model
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -223,9 +227,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     against = [e for e in args.against.split(",") if e]
     also = [w for w in args.also_weights.split(",") if w]
-    unknown = sorted(set(also) - {"int4", "float16", "bfloat16"})
+    unknown = sorted(set(also) - {"int8", "int4", "float16", "bfloat16"})
     if unknown:
-        raise UsageError(f"--also-weights takes int4, float16 and bfloat16, not {unknown[0]!r}")
+        raise UsageError(f"--also-weights takes int8, int4, float16 and bfloat16, not {unknown[0]!r}")
     options = {"dtype": args.dtype} if args.dtype else {}
     print(bench(args.model, against, args.repeats, options, Path(args.out) if args.out else None, also))
 
@@ -367,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", default="transformers,llama.cpp", help="comma-separated peers (default transformers,llama.cpp)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per engine (default 3)")
     p.add_argument(
-        "--also-weights", default="", help="comma-separated: also measure the fast path with int4, float16 and/or bfloat16 weights"
+        "--also-weights", default="", help="comma-separated: also measure the fast path with int8, int4, float16 and/or bfloat16 weights"
     )
     p.add_argument("--out", default="benchmarks/results/engine.json", help="where to write the JSON report")
     p.set_defaults(run=cmd_bench)
@@ -375,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("--model", "-m", action="append", default=None,
                    help=f"a model to serve, requested by this name (repeatable; default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default=None, help="weights in memory: float32 (default), bfloat16, float16, int8 or int4")
+    p.add_argument("--dtype", default=None, help="weights in memory, as for generate (default: as the file stores them)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (not on /health)")

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attendo import optimize
+from gguf import GGMLQuantizationType as Q
+
+from attendo import kernels, optimize
 from attendo.config import ModelConfig
 from attendo.errors import CheckpointError, UnsupportedModelError
 from attendo.facades import make_model
@@ -26,7 +28,7 @@ from attendo.registry import resolve
 from attendo.tokenizer import TextTokenizer
 from attendo.weights.gguf import read_gguf
 from attendo.weights.hf_config import config_from_hf, token_ids
-from attendo.weights.names import Rule, checkpoint_rules, fit_head, rule_for
+from attendo.weights.names import Rule, checkpoint_rules, concat, fit_head, only, rule_for
 from attendo.weights.safetensors_dir import PICKLE_SUFFIXES, read_hf_directory, refuse_pickle
 from attendo.weights.source import Checkpoint, TensorSource
 
@@ -34,13 +36,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """The dtype weights are read in; the quantized formats (int8, int4) are made from float32."""
-    if dtype is None or dtype in optimize.QUANTIZED_BITS:
+    """The dtype float weights are read in; the quantized formats (int8, int4, q8_0...) are made
+    from float32."""
+    if dtype is None or dtype in optimize.QUANTIZED_FORMATS:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        choices = ", ".join([*_DTYPES, *optimize.QUANTIZED_BITS])
+        choices = ", ".join([*_DTYPES, *optimize.QUANTIZED_FORMATS])
         raise UnsupportedModelError(f"dtype {dtype!r} is not supported (use one of {choices})")
     return _DTYPES[dtype]
 
@@ -63,10 +66,12 @@ def load_weights(
     rules: dict[str, Rule],
     dtype: torch.dtype,
     settle: Callable[[nn.Module], object] | None = None,
+    keep_blocks: bool = False,
 ) -> None:
     """Fill a meta-device network from a checkpoint, validating every tensor before reading any.
     settle(block) runs on each block as soon as its weights are in (to quantize it while only
-    one block is in float32)."""
+    one block is in float32). keep_blocks: a linear layer or embedding whose weights the file
+    stores in a block format optimize.BlockLinear multiplies by is loaded as it is stored."""
     available = tensors.shapes()
     plan = []
     for name, parameter in network.named_parameters():  # tied weights appear once
@@ -87,12 +92,40 @@ def load_weights(
             )
         plan.append((name, rule, sources))
     for index, (name, rule, sources) in enumerate(plan):
-        value = rule.combine([tensors.load(s, dtype) for s in sources]).contiguous()
         module_name, _, leaf = name.rpartition(".")
-        setattr(network.get_submodule(module_name), leaf, nn.Parameter(value, requires_grad=False))
+        module = network.get_submodule(module_name)
+        stored = _stored_blocks(tensors, rule, sources) if keep_blocks and leaf == "weight" else None
+        if stored is not None and isinstance(module, (nn.Linear, nn.Embedding)):
+            _set_submodule(network, module_name, _block_layer(module, *stored))
+        else:
+            value = rule.combine([tensors.load(s, dtype) for s in sources]).contiguous()
+            setattr(module, leaf, nn.Parameter(value, requires_grad=False))
         block = _block_of(name)
         if settle is not None and block and (index + 1 == len(plan) or _block_of(plan[index + 1][0]) != block):
             settle(network.get_submodule(block))
+
+
+def _stored_blocks(tensors: TensorSource, rule: Rule, sources: tuple[str, ...]) -> tuple[torch.Tensor, Q] | None:
+    """The sources' rows as stored blocks, when all are in one block format and the rule only
+    stacks rows (a transpose or a reshape cannot be done on blocks)."""
+    read = getattr(tensors, "blocks", None)
+    if read is None or rule.combine not in (only, concat):
+        return None
+    stored = [read(s) for s in sources]
+    if any(b is None for b in stored) or len({qtype for _, qtype in stored}) != 1:
+        return None
+    return torch.cat([rows for rows, _ in stored]), stored[0][1]
+
+
+def _block_layer(module: nn.Linear | nn.Embedding, blocks: torch.Tensor, qtype: Q) -> nn.Module:
+    if isinstance(module, nn.Embedding):
+        return optimize.BlockEmbedding(optimize.BlockLinear(blocks, qtype, module.embedding_dim))
+    return optimize.BlockLinear(blocks, qtype, module.in_features, module.bias)
+
+
+def _set_submodule(network: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(network.get_submodule(parent), leaf, module)
 
 
 def _block_of(parameter_name: str) -> str | None:
@@ -104,9 +137,14 @@ def _block_of(parameter_name: str) -> str | None:
 def load(source: str | Path, dtype: torch.dtype | str | None = None) -> Model:
     """Load a model from a registered name, a Hugging Face-format directory, or a .gguf file.
 
-    dtype: the weights' dtype in memory: float32 (the default; a GGUF file is dequantized to it),
-    float16, bfloat16, or "int8" / "int4" for weight-only quantization (a quarter / an eighth of
-    float32's memory, plus the groups' scales; fast once ``speed_up()`` compiles the decode step).
+    dtype: the weights' format in memory.
+    - None (the default): as the file stores them where attendo can multiply by that format:
+      a GGUF file's Q8_0, Q4_0 and Q4_1 matrices stay in their blocks (about the file's size in
+      memory, and decoding reads a quarter or an eighth of float32's bytes); everything else,
+      and every matrix when no C compiler could build attendo.kernels, is float32.
+    - "float32" (a GGUF file fully dequantized: the exact reference), "float16", "bfloat16".
+    - "int8" or "int4" (or by ggml's names "q8_0", "q4_0", "q4_1"): weight-only quantization
+      of every matrix while loading.
     """
     path = resolve(source)
     torch_dtype = parse_dtype(dtype)
@@ -118,11 +156,15 @@ def load(source: str | Path, dtype: torch.dtype | str | None = None) -> Model:
     with _on_meta_device():
         network = build_network(config)
     quantize = None
-    if isinstance(dtype, str) and dtype in optimize.QUANTIZED_BITS:
-        quantize = partial(optimize.quantize_weights, bits=optimize.QUANTIZED_BITS[dtype])
-    load_weights(network, checkpoint.tensors, rules, torch_dtype, settle=quantize)
+    if isinstance(dtype, str) and dtype in optimize.QUANTIZED_FORMATS:
+        quantize = partial(optimize.quantize_weights, qtype=optimize.QUANTIZED_FORMATS[dtype])
+    keep_blocks = dtype is None and kernels.available()
+    load_weights(network, checkpoint.tensors, rules, torch_dtype, settle=quantize, keep_blocks=keep_blocks)
     if config.tie_embeddings and config.lm_head:
-        network.lm_head.weight = network.embed.weight
+        if isinstance(network.embed, optimize.BlockEmbedding):
+            network.lm_head = network.embed.table
+        else:
+            network.lm_head.weight = network.embed.weight
     if quantize is not None:
         quantize(network)  # what is left: the embedding and the LM head
     network.reset_tables()

@@ -33,17 +33,18 @@ class Model:
         self.decode_step: Callable[..., torch.Tensor] | None = None
 
     def speed_up(self, weights: str = "int8", compile: bool = True) -> Model:
-        """Faster decoding (see attendo.optimize): weights stored as "int8" or "int4" (weight-only
-        quantization), "float16", "bfloat16" or kept "float32", and a compiled decode step. The
-        first generation after this compiles (a minute or more); later ones reuse it. Quantized
-        weights are only fast in the compiled step: without it they are for saving memory."""
-        if weights in optimize.QUANTIZED_BITS:
-            optimize.quantize_weights(self.network, optimize.QUANTIZED_BITS[weights])
+        """Faster decoding (see attendo.optimize): float32 matrices stored as "int8" or "int4"
+        (weight-only quantization; also by ggml's names q8_0, q4_0, q4_1), "float16" or "bfloat16",
+        or kept "float32"; matrices already quantized (a GGUF file's) stay as they are. Then a
+        compiled decode step: the first generation after this compiles (a minute or more), later
+        ones reuse it."""
+        if weights in optimize.QUANTIZED_FORMATS:
+            optimize.quantize_weights(self.network, optimize.QUANTIZED_FORMATS[weights])
         elif weights in ("float16", "bfloat16"):
             optimize.half_weights(self.network, getattr(torch, weights))
         elif weights != "float32":
             raise InvalidSettingError(
-                f"unknown weight format {weights!r} (use int8, int4, float16, bfloat16 or float32)"
+                f"unknown weight format {weights!r} (use {', '.join(optimize.QUANTIZED_FORMATS)}, float16, bfloat16 or float32)"
             )
         if compile:
             self.decode_step = optimize.compile_decode(self.network)

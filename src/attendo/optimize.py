@@ -1,17 +1,17 @@
 """Speed-ups as passes over a loaded model; the model code itself stays as it reads.
 
+- ``quantize_weights``: weight-only quantization in ggml's block formats (Q8_0 for "int8", Q4_1
+  for "int4"), the embedding table included: every 32 weights share a scale. Decoding one token
+  reads every weight once, so on a CPU it is limited by memory bandwidth and by the work per
+  weight: attendo.kernels multiplies by the blocks as bytes (or half bytes), with activations
+  rounded to int8 per block, as llama.cpp does. A GGUF file's Q8_0/Q4_0/Q4_1 matrices are
+  loaded straight into the same layers (see attendo.load).
 - ``half_weights``: keep the linear layers' weights in 16 bits (float16 or bfloat16).
-- ``quantize_weights``: weight-only quantization to 8 or 4 bits, in groups with their own scale
-  and offset, the embedding table included. Decoding one token reads every weight once, so on a
-  CPU it is limited by memory bandwidth: 1 byte (or half a byte) per weight instead of 4 is most
-  of the speed-up, and the model takes a quarter (an eighth) of the memory. Activations and
-  accumulation stay float32.
 - ``compile_decode``: compile the network for the decode step with torch.compile. With a KV cache
   of fixed shapes every step has the same shapes, so it compiles once; the compiled step has no
-  per-operation Python overhead and turns each matrix-vector product into one loop that widens
-  each weight as it reads it.
+  per-operation Python overhead, and the block products stay calls of the kernel.
 
-The layers below pick their compiled form with ``torch.compiler.is_compiling()``: the eager path
+HalfLinear picks its compiled form with ``torch.compiler.is_compiling()``: the eager path
 (prefill, inspection) is the plain matrix multiply, and both forms compute the same product.
 """
 
@@ -21,12 +21,19 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
 from torch import nn
 
-# Up to this many rows, the compiled product-and-sum forms beat a matrix multiply.
+from attendo import kernels
+from attendo.weights import ggml_blocks
+
+# Up to this many rows, the compiled product-and-sum form beats a matrix multiply.
 _VECTOR_ROWS = 8
-# The weight formats quantize_weights makes, by name.
-QUANTIZED_BITS = {"int8": 8, "int4": 4}
+# Up to this many rows, the block kernel beats dequantizing for a float32 matrix multiply.
+_KERNEL_ROWS = 64
+# The weight formats quantize_weights makes, by the names users give them: ggml's own names, and
+# int8/int4 for the formats closest to plain 8- and 4-bit weights.
+QUANTIZED_FORMATS = {"int8": Q.Q8_0, "int4": Q.Q4_1, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 # Rows quantized at a time, so quantizing a large matrix needs little extra memory.
 _CHUNK_ROWS = 4096
 
@@ -48,90 +55,60 @@ class HalfLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class PackedLinear(nn.Module):
-    """y = x Wᵀ + b with W quantized to `bits` (8 or 4) per weight, activations in float32.
+class BlockLinear(nn.Module):
+    """y = x Wᵀ + b with W in one of ggml's block formats (Q8_0, Q4_0, Q4_1), as a GGUF file
+    stores it: every 32 weights of a row share a float16 scale (and for Q4_1 a minimum).
 
-    Layout: each row is cut into 32/bits equal slices ("planes"), and int32 word i of the row
-    holds column i of every plane (plane j in bits j·bits and up). Each plane thus lines up with
-    one contiguous slice of x: the compiled product reads every word once and keeps one running
-    sum per plane, which lets the CPU overlap them. A plane's slice of a row is also its
-    quantization group: w = scale·q + offset with q in [0, 2^bits). The words are stored as
-    float32 bit patterns because torch.compile's CPU code loads float tensors a full vector at a
-    time but copies int tensors element by element.
+    ``blocks`` holds the bytes, one row of W per row. Up to _KERNEL_ROWS rows of x (decoding)
+    go through attendo.kernels' block product, which reads each weight once as the byte (or
+    half byte) it is; more rows (a prompt) are cheaper as one float32 matrix multiply of the
+    dequantized weights, and so is every product where no C compiler built the kernel.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int) -> None:
+    def __init__(self, blocks: torch.Tensor, qtype: Q, in_features: int, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        out_features, in_features = weight.shape
-        self.bits, self.planes = bits, 32 // bits
-        if in_features % self.planes:
-            raise ValueError(f"{bits}-bit weights need in_features divisible by {self.planes}, got {in_features}")
-        words = torch.empty(out_features, in_features // self.planes, dtype=torch.int32)
-        scale, offset = torch.empty(out_features, self.planes), torch.empty(out_features, self.planes)
-        for start in range(0, out_features, _CHUNK_ROWS):
-            rows = slice(start, start + _CHUNK_ROWS)
-            words[rows], scale[rows], offset[rows] = _quantize_rows(weight[rows].detach().float(), bits)
-        self.register_buffer("words", words.view(torch.float32))
-        self.register_buffer("scale", scale)
-        self.register_buffer("offset", offset)
+        self.register_buffer("blocks", blocks)
+        self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
         self.bias = bias
+        # Asked once here: the answer is a cached build or load, which torch.compile cannot trace.
+        self.use_kernel = kernels.available()
 
-    @property
-    def in_features(self) -> int:
-        return self.words.shape[1] * self.planes
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, qtype: Q) -> BlockLinear:
+        rows = [ggml_blocks.encode(chunk, qtype) for chunk in weight.split(_CHUNK_ROWS)]
+        return cls(torch.cat(rows), qtype, weight.shape[1], bias)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The dequantized rows W[index] (index.shape + (in,)): an embedding lookup."""
-        return self._dequantize(self.words[index], self.scale[index], self.offset[index])
+        return ggml_blocks.decode(self.blocks[index].reshape(-1), self.qtype, (*index.shape, self.in_features))
 
     def dequantized(self) -> torch.Tensor:
-        return self._dequantize(self.words, self.scale, self.offset)
+        if self.use_kernel and not torch.compiler.is_compiling():
+            return kernels.block_dequantize(self.blocks, int(self.qtype), self.in_features)
+        return self.rows(torch.arange(self.out_features, device=self.blocks.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        if torch.compiler.is_compiling() and rows <= _VECTOR_ROWS:
-            y = self._product_sums(x.reshape(rows, self.planes, -1)).view(*x.shape[:-1], -1)
+        if rows <= _KERNEL_ROWS and self.use_kernel:
+            y = kernels.block_matmul(x.reshape(rows, -1).float(), self.blocks, int(self.qtype), self.out_features)
+            y = y.view(*x.shape[:-1], -1).to(x.dtype)
         else:
             y = F.linear(x, self.dequantized().to(x.dtype))
         return y if self.bias is None else y + self.bias
 
-    def _codes(self, words: torch.Tensor, plane: int) -> torch.Tensor:
-        return (words.view(torch.int32) >> (self.bits * plane)) & ((1 << self.bits) - 1)
-
-    def _dequantize(self, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        planes = [self._codes(words, j) * scale[..., j, None] + offset[..., j, None] for j in range(self.planes)]
-        return torch.cat(planes, dim=-1)
-
-    def _product_sums(self, x: torch.Tensor) -> torch.Tensor:
-        """x (rows, planes, in/planes) → (rows, out): one sum per plane, fused into one loop; the
-        offset of a plane multiplies the sum of its slice of x."""
-        sums = [(self._codes(self.words, j).to(x.dtype) * x[:, None, j]).sum(-1) for j in range(self.planes)]
-        slices = x.sum(-1)  # (rows, planes)
-        return sum(s * self.scale[:, j] + slices[:, j, None] * self.offset[:, j] for j, s in enumerate(sums))
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.qtype.name}"
 
 
-class PackedEmbedding(nn.Module):
-    """Token embeddings looked up in a PackedLinear's rows (the LM head's, when the two are tied)."""
+class BlockEmbedding(nn.Module):
+    """Token embeddings looked up in a BlockLinear's rows (the LM head's, when the two are tied)."""
 
-    def __init__(self, table: PackedLinear) -> None:
+    def __init__(self, table: BlockLinear) -> None:
         super().__init__()
         self.table = table
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.table.rows(tokens)
-
-
-def _quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float (rows, in) → int32 words (rows, in/planes), and each plane's scale and offset."""
-    planes, top = 32 // bits, (1 << bits) - 1
-    groups = weight.view(weight.shape[0], planes, -1)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = torch.where(high > low, (high - low) / top, torch.ones_like(low))
-    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, top).to(torch.int32)
-    words = torch.zeros_like(codes[:, 0])
-    for j in range(planes):
-        words |= codes[:, j] << (bits * j)
-    return words, scale, low
 
 
 def half_weights(network: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
@@ -143,21 +120,20 @@ def half_weights(network: nn.Module, dtype: torch.dtype = torch.float16) -> nn.M
     return network
 
 
-def quantize_weights(network: nn.Module, bits: int = 8) -> nn.Module:
-    """Replace every nn.Linear with a PackedLinear and the token embedding with a PackedEmbedding,
-    in place. A tied embedding shares the LM head's packed rows, as it shared its float ones. The
-    rare layer whose input width does not divide into planes stays float."""
-    planes = 32 // bits
+def quantize_weights(network: nn.Module, qtype: Q = Q.Q8_0) -> nn.Module:
+    """Replace every nn.Linear with a BlockLinear and the token embedding with a BlockEmbedding,
+    in place. A tied embedding shares the LM head's blocks, as it shared its float weights. The
+    rare layer whose input width is not a whole number of blocks stays float."""
     embed = getattr(network, "embed", None)
     head = getattr(network, "lm_head", None)
     tied = isinstance(embed, nn.Embedding) and isinstance(head, nn.Linear) and head.weight is embed.weight
     for module in list(network.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child.in_features % planes == 0:
-                setattr(module, name, PackedLinear(child.weight, child.bias, bits))
-    if isinstance(embed, nn.Embedding) and embed.embedding_dim % planes == 0:
-        table = network.lm_head if tied else PackedLinear(embed.weight, None, bits)
-        network.embed = PackedEmbedding(table)
+            if isinstance(child, nn.Linear) and child.in_features % ggml_blocks.BLOCK == 0:
+                setattr(module, name, BlockLinear.quantize(child.weight, child.bias, qtype))
+    if isinstance(embed, nn.Embedding) and embed.embedding_dim % ggml_blocks.BLOCK == 0:
+        table = network.lm_head if tied else BlockLinear.quantize(embed.weight, None, qtype)
+        network.embed = BlockEmbedding(table)
     return network
 
 

@@ -150,11 +150,12 @@ def main(
     also: Sequence[str] = (),
 ) -> str:
     """Measure attendo and the available peers; returns the table (and writes JSON to out).
-    also: more weight formats for the fast path to measure beside int8 (int4, float16, bfloat16)."""
+    also: more weight formats for the fast path to measure beside the file's own (int8, int4,
+    float16, bfloat16)."""
     from attendo.registry import resolve
 
     path = str(resolve(model))
-    engines = ["attendo", REFERENCE, *(f"{REFERENCE} {weights}" for weights in also)]
+    engines = ["attendo", "attendo float32", REFERENCE, *(f"{REFERENCE} {weights}" for weights in also)]
     skipped = []
     for peer in against:
         reason = engine_available(peer)

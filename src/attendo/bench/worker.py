@@ -65,11 +65,12 @@ def run_attendo(path: str, work: Workload, options: dict[str, Any]) -> dict[str,
     from attendo.inspect.summary import parameter_count
 
     runtime_mb = _rss_mb()
-    weights = options.get("fast_weights")  # None: float32, run eagerly
+    # fast_weights: None for the eager engines; "" keeps the loaded format and compiles.
+    weights = options.get("fast_weights")
     model = attendo.load(path, dtype=weights if weights in ("int8", "int4") else options.get("dtype"))
     load_s = time.perf_counter() - start
-    if weights:
-        model.speed_up(weights)
+    if weights is not None:
+        model.speed_up(weights or "int8")
     greedy = SamplingSettings()
     encode = lambda text: model.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
 
@@ -181,13 +182,20 @@ def run_llama_cpp(path: str, work: Workload, options: dict[str, Any]) -> dict[st
     return _figures(work, load_s, t1 - t0, t2 - t1, None, runtime_mb, None)
 
 
-def run_attendo_fast(path: str, work: Workload, options: dict[str, Any], weights: str = "int8") -> dict[str, Any]:
+def run_attendo_float32(path: str, work: Workload, options: dict[str, Any]) -> dict[str, Any]:
+    """The exact path: a GGUF file dequantized to float32, run eagerly."""
+    return run_attendo(path, work, {**options, "dtype": "float32"})
+
+
+def run_attendo_fast(path: str, work: Workload, options: dict[str, Any], weights: str = "") -> dict[str, Any]:
     return run_attendo(path, work, {**options, "fast_weights": weights})
 
 
 ENGINES = {
     "attendo": run_attendo,
+    "attendo float32": run_attendo_float32,
     "attendo --fast": run_attendo_fast,
+    "attendo --fast int8": partial(run_attendo_fast, weights="int8"),
     "attendo --fast int4": partial(run_attendo_fast, weights="int4"),
     "attendo --fast float16": partial(run_attendo_fast, weights="float16"),
     "attendo --fast bfloat16": partial(run_attendo_fast, weights="bfloat16"),

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from attendo.model import Model
-from attendo.optimize import HalfLinear, PackedLinear
+from attendo.optimize import BlockLinear, HalfLinear
 
 
 def _weights(model: Model) -> Iterator[tuple[int, str]]:
@@ -16,8 +16,8 @@ def _weights(model: Model) -> Iterator[tuple[int, str]]:
     for p in model.network.parameters():
         yield p.numel(), str(p.dtype).removeprefix("torch.")
     for module in model.network.modules():
-        if isinstance(module, PackedLinear):
-            yield module.scale.shape[0] * module.in_features, f"int{module.bits}"
+        if isinstance(module, BlockLinear):
+            yield module.out_features * module.in_features, module.qtype.name.lower()
         elif isinstance(module, HalfLinear):
             yield module.weight.numel(), str(module.weight.dtype).removeprefix("torch.")
 

@@ -245,12 +245,26 @@ class GGUFTensors:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: info.shape for name, info in self._infos.items()}
 
+    def blocks(self, name: str) -> tuple[torch.Tensor, GGMLQuantizationType] | None:
+        """A matrix stored in one of ggml_blocks.MULTIPLIABLE formats as its bytes, one row of
+        blocks per row (rows, bytes per row), in Hugging Face row order; None for any other."""
+        info = self._infos[name]
+        if info.type not in ggml_blocks.MULTIPLIABLE or len(info.shape) != 2:
+            return None
+        rows = torch.from_numpy(np.array(self._raw(info))).view(info.shape[0], -1)
+        if name in self._rope_heads:
+            rows = _unpermute_rope(rows, self._rope_heads[name])
+        return rows.contiguous(), info.type
+
+    def _raw(self, info: TensorInfo) -> np.ndarray:
+        if self._data is None:
+            self._data = np.memmap(self.path, mode="r")
+        return self._data[info.offset : info.offset + info.n_bytes]
+
     def load(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         """The tensor dequantized; dtype None gives float32 (GGUF's quantized types have no torch dtype)."""
         info = self._infos[name]
-        if self._data is None:
-            self._data = np.memmap(self.path, mode="r")
-        raw = self._data[info.offset : info.offset + info.n_bytes]
+        raw = self._raw(info)
         if info.type in ggml_blocks.DECODABLE:
             with warnings.catch_warnings():  # the map is read-only; decode() never writes to it
                 warnings.simplefilter("ignore", UserWarning)
