@@ -47,8 +47,9 @@ def pickle_file(tmp_path) -> Path:
         ["-m", "{tiny}", "--temperature", "-1", "-n", "5"],
         ["-m", "{tiny}", "--top-p", "1.5", "-n", "5"],
         ["-m", "{tiny}", "-n", "100000"],
+        ["-m", "{tiny}", "--dtype", "int3"],
     ],
-    ids=["missing-model", "pickle", "negative-temperature", "top-p-above-1", "beyond-context"],
+    ids=["missing-model", "pickle", "negative-temperature", "top-p-above-1", "beyond-context", "unknown-dtype"],
 )
 def test_errors_are_one_line_and_exit_code_2(arguments, tiny_llama_dir, pickle_file, tmp_path, capsys):
     paths = {"missing": tmp_path / "nothing-here", "pickle": pickle_file, "tiny": tiny_llama_dir}
@@ -59,6 +60,22 @@ def test_errors_are_one_line_and_exit_code_2(arguments, tiny_llama_dir, pickle_f
     assert err.startswith("attendo: error: ")
     assert err.count("\n") == 1 and err.endswith("\n")
     assert "Traceback" not in err
+
+
+def test_dtype_picks_how_a_gguf_file_is_held(tmp_path, capsys):
+    """By default a GGUF file's Q4_1 matrices stay blocks; --dtype float32 dequantizes them."""
+    import attendo
+    from attendo.optimize import BlockLinear
+    from test_gguf_reader import byte_level_vocab, hf_llama, write_gguf
+    from gguf import GGMLQuantizationType as Q
+
+    tokens, _, _ = byte_level_vocab()
+    path = write_gguf(tmp_path / "tiny.gguf", hf_llama(len(tokens)), qtype=Q.Q4_1)
+    for dtype in (None, "float32"):
+        model = attendo.load(path, dtype=dtype)
+        assert any(isinstance(m, BlockLinear) for m in model.network.modules()) == (dtype is None)
+        assert main(["generate", "Hello", "-m", str(path), "--greedy", "-n", "5", *(["--dtype", dtype] if dtype else [])]) == 0
+        assert capsys.readouterr().out == greedy(model, "Hello") + "\n"
 
 
 def test_tokenize_prints_the_ids(tiny_llama_dir, tiny_llama, capsys):

@@ -78,7 +78,7 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 def decode(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...]) -> torch.Tensor:
     """raw: the tensor's bytes (uint8, 1-D); returns float32 values of the given (torch) shape."""
     if qtype == Q.F32:
-        return raw.view(torch.float32).reshape(shape).clone()
+        return raw.view(torch.float32).reshape(shape)
     if qtype == Q.F16:
         return raw.view(torch.float16).reshape(shape).float()
     if qtype == Q.BF16:

@@ -16,7 +16,6 @@ import math
 import mmap
 import re
 import struct
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,7 +239,6 @@ class GGUFTensors:
             rows = infos[name].shape[0]
             if rows % (2 * heads):
                 raise CheckpointError(f"{path}: {name} has {rows} rows, not an even head_dim for {heads} heads")
-        self._data: np.memmap | None = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: info.shape for name, info in self._infos.items()}
@@ -251,24 +249,28 @@ class GGUFTensors:
         info = self._infos[name]
         if info.type not in ggml_blocks.MULTIPLIABLE or len(info.shape) != 2:
             return None
-        rows = torch.from_numpy(np.array(self._raw(info))).view(info.shape[0], -1)
+        rows = torch.from_numpy(self._raw(info)).view(info.shape[0], -1)
         if name in self._rope_heads:
             rows = _unpermute_rope(rows, self._rope_heads[name])
         return rows.contiguous(), info.type
 
     def _raw(self, info: TensorInfo) -> np.ndarray:
-        if self._data is None:
-            self._data = np.memmap(self.path, mode="r")
-        return self._data[info.offset : info.offset + info.n_bytes]
+        """The tensor's bytes, read rather than memory-mapped: mapped pages stay in the process's
+        resident memory beside what is made of them, which for a quantized model kept as it is
+        stored would count the file twice."""
+        data = np.empty(info.n_bytes, dtype=np.uint8)
+        with self.path.open("rb") as file:
+            file.seek(info.offset)
+            if file.readinto(memoryview(data)) != info.n_bytes:
+                raise CheckpointError(f"{self.path}: the file ended inside a tensor (was it changed while loading?)")
+        return data
 
     def load(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         """The tensor dequantized; dtype None gives float32 (GGUF's quantized types have no torch dtype)."""
         info = self._infos[name]
         raw = self._raw(info)
         if info.type in ggml_blocks.DECODABLE:
-            with warnings.catch_warnings():  # the map is read-only; decode() never writes to it
-                warnings.simplefilter("ignore", UserWarning)
-                tensor = ggml_blocks.decode(torch.from_numpy(raw), info.type, info.shape)
+            tensor = ggml_blocks.decode(torch.from_numpy(raw), info.type, info.shape)
         else:
             try:
                 values = dequantize(raw.reshape(*info.shape[:-1], -1), info.type)
