@@ -13,7 +13,9 @@ class TensorSource(Protocol):
     """Tensors of a checkpoint under their Hugging Face names, in Hugging Face layout.
 
     ``shapes`` is read from the file's header only, so the loader can check every name and shape
-    against the model config before any tensor data is read or allocated.
+    against the model config before any tensor data is read or allocated. A reader of a format
+    with ggml's quantized blocks may also offer ``blocks(name) -> (bytes, type) | None``, which the
+    loader uses to keep a matrix as it is stored (see GGUFTensors.blocks).
     """
 
     path: Path
