@@ -82,6 +82,19 @@ def test_compiled_block_product_calls_the_kernel(qtype):
     assert torch.allclose(got, reference_forward(layer, x), rtol=1e-5, atol=1e-4)
 
 
+def test_a_broken_cached_library_is_reported_not_loaded(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    broken = kernels._library_path(kernels._compiler())
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a shared library")  # a damaged cache file
+    kernels._library.cache_clear()
+    try:
+        assert not kernels.available()
+        assert str(broken) in kernels.unavailable_reason()
+    finally:
+        kernels._library.cache_clear()
+
+
 def test_without_a_compiler_the_kernel_is_unavailable_and_layers_fall_back(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -39,15 +40,29 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def _cpu_signature() -> str:
+    """What -march=native compiles for: a library built on one CPU may not run on another that
+    shares the cache directory, so the CPU's feature flags are part of the library's name."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def _library_path(compiler: str) -> Path:
+    """Where the library built from this source, with this compiler and flags, for this CPU lives."""
+    identity = _SOURCE.read_bytes() + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()
+    return _cache_dir() / f"block_matmul-{hashlib.sha256(identity).hexdigest()[:16]}.so"
+
+
 @cache
 def _library() -> ctypes.CDLL | str:
     """The loaded kernel library, or the reason there is none."""
     compiler = _compiler()
     if compiler is None:
         return "no C compiler found (set CC, or install gcc)"
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"block_matmul-{key}.so"
+    target = _library_path(compiler)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Built beside its final name and renamed, so concurrent first uses never load half a file.
@@ -62,7 +77,10 @@ def _library() -> ctypes.CDLL | str:
                 first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr)
                 return f"{compiler} could not build {_SOURCE.name}: {first_error.strip() or 'exit code ' + str(result.returncode)}"
             os.replace(built, target)
-    library = ctypes.CDLL(str(target))
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as error:
+        return f"cannot load {target} ({error}); delete it to rebuild"
     library.attendo_block_matmul.restype = ctypes.c_int
     library.attendo_block_matmul.argtypes = [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
