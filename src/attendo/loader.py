@@ -96,7 +96,7 @@ def load_weights(
         module = network.get_submodule(module_name)
         stored = _stored_blocks(tensors, rule, sources) if keep_blocks and leaf == "weight" else None
         if stored is not None and isinstance(module, (nn.Linear, nn.Embedding)):
-            _set_submodule(network, module_name, _block_layer(module, *stored))
+            network.set_submodule(module_name, _block_layer(module, *stored))
         else:
             value = rule.combine([tensors.load(s, dtype) for s in sources]).contiguous()
             setattr(module, leaf, nn.Parameter(value, requires_grad=False))
@@ -121,11 +121,6 @@ def _block_layer(module: nn.Linear | nn.Embedding, blocks: torch.Tensor, qtype: 
     if isinstance(module, nn.Embedding):
         return optimize.BlockEmbedding(optimize.BlockLinear(blocks, qtype, module.embedding_dim))
     return optimize.BlockLinear(blocks, qtype, module.in_features, module.bias)
-
-
-def _set_submodule(network: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(network.get_submodule(parent), leaf, module)
 
 
 def _block_of(parameter_name: str) -> str | None:

@@ -111,12 +111,17 @@ class BlockEmbedding(nn.Module):
         return self.table.rows(tokens)
 
 
-def half_weights(network: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
-    """Replace every nn.Linear (the LM head included) with a HalfLinear, in place."""
+def _replace_linears(network: nn.Module, make: Callable[[nn.Linear], nn.Module | None]) -> None:
+    """Put make(layer) in place of every nn.Linear for which it returns a module."""
     for module in list(network.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, HalfLinear(child.weight, child.bias, dtype))
+            if isinstance(child, nn.Linear) and (replacement := make(child)) is not None:
+                setattr(module, name, replacement)
+
+
+def half_weights(network: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """Replace every nn.Linear (the LM head included) with a HalfLinear, in place."""
+    _replace_linears(network, lambda layer: HalfLinear(layer.weight, layer.bias, dtype))
     return network
 
 
@@ -127,10 +132,10 @@ def quantize_weights(network: nn.Module, qtype: Q = Q.Q8_0) -> nn.Module:
     embed = getattr(network, "embed", None)
     head = getattr(network, "lm_head", None)
     tied = isinstance(embed, nn.Embedding) and isinstance(head, nn.Linear) and head.weight is embed.weight
-    for module in list(network.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child.in_features % ggml_blocks.BLOCK == 0:
-                setattr(module, name, BlockLinear.quantize(child.weight, child.bias, qtype))
+    _replace_linears(
+        network,
+        lambda layer: BlockLinear.quantize(layer.weight, layer.bias, qtype) if layer.in_features % ggml_blocks.BLOCK == 0 else None,
+    )
     if isinstance(embed, nn.Embedding) and embed.embedding_dim % ggml_blocks.BLOCK == 0:
         table = network.lm_head if tied else BlockLinear.quantize(embed.weight, None, qtype)
         network.embed = BlockEmbedding(table)

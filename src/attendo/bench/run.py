@@ -16,7 +16,8 @@ from typing import Any
 from attendo.bench.hardware import matmul_gflops, memory_bandwidth_gbs
 from attendo.bench.workload import Workload
 
-# The configuration peers are compared with: int8 weights and a compiled decode step.
+# The configuration peers are compared with: the weights as loaded (a GGUF file's own blocks)
+# and a compiled decode step.
 REFERENCE = "attendo --fast"
 
 # label, and whether higher is better (None: a property, not a speed, so no ratio).

@@ -61,13 +61,14 @@ def run_attendo(path: str, work: Workload, options: dict[str, Any]) -> dict[str,
     start = time.perf_counter()
     import attendo
     from attendo.generation.loop import Batch, Request
+    from attendo.optimize import QUANTIZED_FORMATS
     from attendo.generation.sampler import SamplingSettings
     from attendo.inspect.summary import parameter_count
 
     runtime_mb = _rss_mb()
     # fast_weights: None for the eager engines; "" keeps the loaded format and compiles.
     weights = options.get("fast_weights")
-    model = attendo.load(path, dtype=weights if weights in ("int8", "int4") else options.get("dtype"))
+    model = attendo.load(path, dtype=weights if weights in QUANTIZED_FORMATS else options.get("dtype"))
     load_s = time.perf_counter() - start
     if weights is not None:
         model.speed_up(weights or "int8")

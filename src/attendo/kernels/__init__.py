@@ -113,10 +113,15 @@ def block_matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features
     return _block_matmul(x, blocks, qtype, out_features)
 
 
-def _block_matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
+def _loaded() -> ctypes.CDLL:
     library = _library()
     if isinstance(library, str):
         raise RuntimeError(library)
+    return library
+
+
+def _block_matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
+    library = _loaded()
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out_features)
     status = library.attendo_block_matmul(
@@ -129,9 +134,7 @@ def _block_matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_feature
 
 def block_dequantize(blocks: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
     """The float32 matrix (rows, in_features) that ggml blocks of type `qtype` hold. Needs available()."""
-    library = _library()
-    if isinstance(library, str):
-        raise RuntimeError(library)
+    library = _loaded()
     values = torch.empty(blocks.shape[0], in_features)
     if library.attendo_block_dequantize(qtype, blocks.data_ptr(), blocks.shape[0], in_features, values.data_ptr(), torch.get_num_threads()):
         raise RuntimeError(f"block_dequantize does not know ggml type {qtype}")
