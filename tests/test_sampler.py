@@ -12,7 +12,7 @@ import torch
 
 from attendo.errors import InvalidSettingError
 from attendo.generation.sampler import (
-    STAGE_ORDER,
+    STAGE_NAMES,
     SamplingSettings,
     apply_presence_frequency,
     apply_repetition_penalty,
@@ -20,9 +20,11 @@ from attendo.generation.sampler import (
     argmax,
     draw,
     make_generator,
+    mask_tokens,
     min_p_filter,
     next_token,
     process_logits,
+    sampling_stages,
     top_k_filter,
     top_p_filter,
 )
@@ -153,7 +155,7 @@ def test_inputs_are_never_mutated() -> None:
     top_k_filter(logits, 3)
     top_p_filter(logits, 0.5)
     min_p_filter(logits, 0.5)
-    process_logits(logits, settings, ids, trace=[])
+    sampling_stages(logits, settings, ids, torch.ones(30, dtype=torch.bool))
     next_token(logits, settings, ids, make_generator(0))
     assert torch.equal(logits, before) and torch.equal(ids, ids_before)
 
@@ -234,20 +236,52 @@ def test_shared_history_broadcasts_over_batch() -> None:
         assert torch.equal(out[row], apply_repetition_penalty(logits[row], torch.tensor([0, 4]), 1.5))
 
 
-def test_trace_records_active_stages_in_order() -> None:
+def test_stages_are_reported_in_order_and_final_is_what_is_drawn_from() -> None:
     settings = SamplingSettings(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05,
                                 repetition_penalty=1.3, frequency_penalty=0.5)
-    trace: list = []
-    final = process_logits(torch.tensor(LOGITS), settings, torch.tensor([0, 1]), trace)
+    history = torch.tensor([0, 1])
+    stages = sampling_stages(torch.tensor(LOGITS), settings, history)
 
-    assert [name for name, _ in trace] == list(STAGE_ORDER)
-    for _, probs in trace:
-        assert probs.sum().item() == pytest.approx(1.0)
-    assert torch.allclose(trace[-1][1], final.softmax(-1))
+    assert [name for name, _ in stages] == [n for n in STAGE_NAMES if n != "grammar"]
+    assert torch.equal(stages[0][1], torch.tensor(LOGITS))
+    assert torch.equal(stages[1][1], apply_presence_frequency(apply_repetition_penalty(
+        torch.tensor(LOGITS), history, 1.3), history, 0.0, 0.5))
+    assert torch.equal(stages[-1][1], process_logits(torch.tensor(LOGITS), settings, history))
+    kept = [int(logits.isfinite().sum()) for _, logits in stages]
+    assert kept == sorted(kept, reverse=True) and kept[-1] < len(LOGITS)
 
-    trace = []
-    process_logits(torch.tensor(LOGITS), SamplingSettings(do_sample=True, top_p=0.5), None, trace)
-    assert [name for name, _ in trace] == ["top_p"]
+
+def test_stages_whose_setting_is_off_pass_through() -> None:
+    stages = dict(sampling_stages(torch.tensor(LOGITS), SamplingSettings(do_sample=True, top_p=0.5)))
+    for name in ("penalties", "temperature", "top_k"):
+        assert torch.equal(stages[name], torch.tensor(LOGITS))
+    assert torch.equal(stages["min_p"], stages["top_p"])
+    assert int(stages["top_p"].isfinite().sum()) == 2  # 0.39 + 0.24 reaches 0.5
+
+
+def test_greedy_final_stage_is_the_argmax_next_token_takes() -> None:
+    logits = torch.tensor([3.0, 2.9, 0.0, -1.0])
+    settings = SamplingSettings(repetition_penalty=2.0, temperature=0.5)
+    final = sampling_stages(logits, settings, torch.tensor([0]))[-1][1]
+    assert final.isfinite().nonzero().flatten().tolist() == [1]
+    assert next_token(logits, settings, torch.tensor([0])).item() == 1
+
+
+def test_grammar_mask_is_a_stage_that_greedy_and_sampling_obey() -> None:
+    logits = torch.tensor(LOGITS)
+    allowed = torch.tensor([False, False, True, False, True, False, False, False])
+    sampled = SamplingSettings(do_sample=True, temperature=2.0, seed=5)
+    stages = dict(sampling_stages(logits, sampled, allowed=allowed))
+    assert list(stages) == list(STAGE_NAMES)
+    assert stages["grammar"].isfinite().tolist() == allowed.tolist()
+    assert next_token(logits, SamplingSettings(), allowed=allowed).item() == 2
+    generator = make_generator(5)
+    draws = {next_token(logits, sampled, None, generator, allowed).item() for _ in range(200)}
+    assert draws == {2, 4}
+    batch_mask = torch.stack([allowed, ~allowed])
+    assert next_token(logits.expand(2, -1), SamplingSettings(), allowed=batch_mask).tolist() == [2, 0]
+    with pytest.raises(InvalidSettingError, match="mask"):
+        mask_tokens(logits, torch.ones(3, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("field, value", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ class UsageError(AttendoError):
     """A command line that asks for something impossible."""
 
 
-def _add_model(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+def add_model_options(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
     parser.add_argument("--model", "-m", default=default, help=f"name, directory or .gguf file (default {default})")
     parser.add_argument(
         "--dtype", default=None,
@@ -28,7 +29,7 @@ def _add_model(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) ->
     )
 
 
-def _add_generation(parser: argparse.ArgumentParser) -> None:
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("generation")
     g.add_argument("--max-new-tokens", "-n", type=int, default=None, help="most tokens to generate (default 128)")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -57,7 +58,7 @@ def _early_stopping(value: str) -> bool | str:
     return choices[value.lower()]
 
 
-def _settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+def generation_settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     chosen = {
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -80,7 +81,7 @@ def _settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     return chosen
 
 
-def _load(args: argparse.Namespace) -> Any:
+def load_model(args: argparse.Namespace) -> Any:
     from attendo.loader import load
     from attendo.optimize import QUANTIZED_FORMATS
 
@@ -90,7 +91,7 @@ def _load(args: argparse.Namespace) -> Any:
     return model.speed_up(args.fast_weights or "int8") if fast else model
 
 
-def _read_prompt(args: argparse.Namespace) -> str:
+def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
         return args.prompt
     if sys.stdin.isatty():
@@ -99,11 +100,11 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model = _load(args)
-    prompt = _read_prompt(args)
+    model = load_model(args)
+    prompt = read_prompt(args)
     if args.chat:
         prompt = model.chat_prompt([{"role": "user", "content": prompt}])
-    for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **_settings(args, model)):
+    for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **generation_settings(args, model)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -118,7 +119,7 @@ _CHAT_SETTINGS: dict[str, Callable[[str], Any]] = {
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    model = _load(args)
+    model = load_model(args)
     print(f"attendo chat with {args.model}. {CHAT_HELP}", file=sys.stderr)
     system = args.system
     messages: list[dict[str, str]] = []
@@ -160,7 +161,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             prompt = model.chat_prompt(conversation)
             reply = []
             print("assistant> ", end="", flush=True)
-            for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **_settings(args, model)):
+            for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **generation_settings(args, model)):
                 reply.append(piece)
                 print(piece, end="", flush=True)
             print()
@@ -172,7 +173,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    model = _load(args)
+    model = load_model(args)
     ids = model.tokenizer.encode(args.text, add_special_tokens=not args.no_special)
     if args.json:
         print(json.dumps([{"id": i, "token": model.tokenizer.token_text(i)} for i in ids], ensure_ascii=False))
@@ -213,7 +214,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     from attendo.inspect.summary import describe
 
-    model = _load(args)
+    model = load_model(args)
     table = Table(title=str(model.source), show_header=False)
     for key, value in describe(model).items():
         table.add_row(key, str(value))
@@ -238,7 +239,7 @@ EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    model = _load(args)
+    model = load_model(args)
     vectors = model.embed(args.texts, normalize=False if args.no_normalize else None)
     if args.output is None:
         print(json.dumps(vectors.tolist()))
@@ -256,7 +257,7 @@ def cmd_similarity(args: argparse.Namespace) -> None:
 
     if len(args.texts) < 2:
         raise UsageError("give at least two texts (or words) to compare")
-    model = _load(args)
+    model = load_model(args)
     vectors = model.embed(args.texts, normalize=True)
     cosine = (vectors @ vectors.T).clamp(-1.0, 1.0)
     pairs = [
@@ -281,7 +282,7 @@ def cmd_similarity(args: argparse.Namespace) -> None:
 
 
 def cmd_fill_mask(args: argparse.Namespace) -> None:
-    model = _load(args)
+    model = load_model(args)
     answers = model.fill_mask(args.text, top_k=args.top_k)
     groups = answers if answers and isinstance(answers[0], list) else [answers]
     if args.json:
@@ -319,55 +320,62 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
+# The commands of larger capabilities live beside them: each module's `register(commands)` adds its
+# subcommands with the options above.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attendo", description="Run, inspect and adapt transformer language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(commands)
 
     p = commands.add_parser("generate", help="complete a prompt (argument or stdin), streaming the text")
     p.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user message")
-    _add_model(p)
-    _add_generation(p)
+    add_model_options(p)
+    add_generation_options(p)
     p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("chat", help="a multi-turn conversation in the terminal")
     p.add_argument("--system", default=None, help="a system prompt")
-    _add_model(p)
-    _add_generation(p)
+    add_model_options(p)
+    add_generation_options(p)
     p.set_defaults(run=cmd_chat)
 
     p = commands.add_parser("tokenize", help="show each token of a text with its id")
     p.add_argument("text")
     p.add_argument("--no-special", action="store_true", help="do not add the model's special tokens (e.g. BOS)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_model(p)
+    add_model_options(p)
     p.set_defaults(run=cmd_tokenize)
 
     p = commands.add_parser("embed", help="sentence embeddings of texts, as JSON or a .npy file")
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.add_argument("--output", "-o", default=None, help="write a .npy file instead of JSON on standard output")
     p.add_argument("--no-normalize", action="store_true", help="keep the vectors' lengths even if the model normalizes")
-    _add_model(p, EMBEDDING_MODEL)
+    add_model_options(p, EMBEDDING_MODEL)
     p.set_defaults(run=cmd_embed)
 
     p = commands.add_parser("similarity", help="cosine similarity and angle between the embeddings of texts or words")
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_model(p, EMBEDDING_MODEL)
+    add_model_options(p, EMBEDDING_MODEL)
     p.set_defaults(run=cmd_similarity)
 
     p = commands.add_parser("fill-mask", help="the likeliest words for the [MASK] in a text (BERT-style models)")
     p.add_argument("text")
     p.add_argument("--top-k", "-k", type=int, default=5, help="how many candidates to show (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_model(p, EMBEDDING_MODEL)
+    add_model_options(p, EMBEDDING_MODEL)
     p.set_defaults(run=cmd_fill_mask)
 
     p = commands.add_parser("models", help="list registered model names and where their files are")
     p.set_defaults(run=cmd_models)
 
     p = commands.add_parser("bench", help="measure speed and memory side by side with peer engines")
-    _add_model(p)
+    add_model_options(p)
     p.add_argument("--against", default="transformers,llama.cpp", help="comma-separated peers (default transformers,llama.cpp)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per engine (default 3)")
     p.add_argument(

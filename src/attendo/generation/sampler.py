@@ -3,11 +3,15 @@
 Sampling is a chain of small pure functions over logits of shape (..., vocab). Each returns a new
 tensor (the input is never edited) and marks filtered-out tokens with -inf. The order is fixed:
 
-    repetition penalty -> presence/frequency penalty -> temperature -> top-k -> top-p -> min-p -> draw
+    penalties (repetition, then presence/frequency) -> grammar -> temperature -> top-k -> top-p
+    -> min-p -> draw
 
 Why this order:
 - Penalties come first because they correct the model's raw preferences using the history; every
-  later stage should see the corrected scores, and greedy decoding applies only these.
+  later stage should see the corrected scores.
+- The grammar stage (only when generation is constrained, e.g. to a JSON schema) removes every
+  token the grammar forbids next, so temperature and the filters share out probability among
+  allowed tokens only. Greedy decoding applies these two stages and takes the argmax.
 - Temperature comes before the filters so that top-p and min-p measure probability mass in the
   distribution that will actually be drawn from (a hotter temperature lets more tokens through).
 - top-k is a cheap, rank-only cut; top-p and min-p then work on what remains. None of the three
@@ -29,8 +33,9 @@ from attendo.errors import InvalidSettingError
 
 Stage = Callable[[torch.Tensor], torch.Tensor]
 
-# Names `process_logits` records in its trace, in the order the stages run.
-STAGE_ORDER = ("repetition_penalty", "presence_frequency", "temperature", "top_k", "top_p", "min_p")
+# What `sampling_stages` reports, in the order the stages run. "raw" is the model's logits and
+# "final" what the token is drawn from; "grammar" is there only when a mask of allowed tokens is.
+STAGE_NAMES = ("raw", "penalties", "grammar", "temperature", "top_k", "top_p", "min_p", "final")
 
 
 def _check_temperature(temperature: float) -> None:
@@ -189,67 +194,92 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def _penalty_stages(settings: SamplingSettings,
-                    previous_ids: torch.Tensor | None) -> list[tuple[str, Stage]]:
+def apply_penalties(logits: torch.Tensor, previous_ids: torch.Tensor | None,
+                    settings: SamplingSettings) -> torch.Tensor:
+    """The history-dependent stage: repetition penalty, then presence and frequency penalties."""
+    out = logits.clone()
     if previous_ids is None or previous_ids.shape[-1] == 0:
-        return []
-    stages: list[tuple[str, Stage]] = []
+        return out
     if settings.repetition_penalty != 1:
-        stages.append(("repetition_penalty", partial(
-            apply_repetition_penalty, previous_ids=previous_ids, penalty=settings.repetition_penalty)))
+        out = apply_repetition_penalty(out, previous_ids, settings.repetition_penalty)
     if settings.presence_penalty != 0 or settings.frequency_penalty != 0:
-        stages.append(("presence_frequency", partial(
-            apply_presence_frequency, previous_ids=previous_ids,
-            presence=settings.presence_penalty, frequency=settings.frequency_penalty)))
-    return stages
-
-
-def _shaping_stages(settings: SamplingSettings) -> list[tuple[str, Stage]]:
-    stages: list[tuple[str, Stage]] = []
-    if settings.temperature != 1:
-        stages.append(("temperature", partial(apply_temperature, temperature=settings.temperature)))
-    if settings.top_k != 0:
-        stages.append(("top_k", partial(top_k_filter, k=settings.top_k)))
-    if settings.top_p != 1:
-        stages.append(("top_p", partial(top_p_filter, p=settings.top_p)))
-    if settings.min_p != 0:
-        stages.append(("min_p", partial(min_p_filter, p=settings.min_p)))
-    return stages
-
-
-def _run(logits: torch.Tensor, stages: list[tuple[str, Stage]], trace: list | None) -> torch.Tensor:
-    out = logits.clone() if not stages else logits
-    for name, stage in stages:
-        out = stage(out)
-        if trace is not None:
-            trace.append((name, out.float().softmax(dim=-1)))
+        out = apply_presence_frequency(out, previous_ids, settings.presence_penalty, settings.frequency_penalty)
     return out
+
+
+def mask_tokens(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The grammar stage: remove every token whose entry in `allowed` (bool, (..., vocab)) is False."""
+    if allowed.shape[-1] != logits.shape[-1] or allowed.dtype != torch.bool:
+        raise InvalidSettingError(
+            f"a token mask must be bool with {logits.shape[-1]} entries per row, got {allowed.dtype} {list(allowed.shape)}"
+        )
+    return logits.masked_fill(~allowed, -math.inf)
+
+
+def _chain(settings: SamplingSettings, previous_ids: torch.Tensor | None,
+           allowed: torch.Tensor | None) -> list[tuple[str, Stage]]:
+    """The stages between "raw" and "final", each with its setting bound."""
+    chain: list[tuple[str, Stage]] = [("penalties", partial(apply_penalties, previous_ids=previous_ids, settings=settings))]
+    if allowed is not None:
+        chain.append(("grammar", partial(mask_tokens, allowed=allowed)))
+    return chain + [
+        ("temperature", partial(apply_temperature, temperature=settings.temperature)),
+        ("top_k", partial(top_k_filter, k=settings.top_k)),
+        ("top_p", partial(top_p_filter, p=settings.top_p)),
+        ("min_p", partial(min_p_filter, p=settings.min_p)),
+    ]
+
+
+def _only_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(logits, -math.inf).scatter(-1, argmax(logits)[..., None], 0.0)
+
+
+def sampling_stages(logits: torch.Tensor, settings: SamplingSettings,
+                    previous_ids: torch.Tensor | None = None,
+                    allowed: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Every stage's output logits, named as in STAGE_NAMES: what the sampling-stages view shows.
+
+    A stage whose setting is off passes its input through unchanged. "final" is what the next
+    token is drawn from: the min_p stage's logits when sampling, and for greedy settings only the
+    argmax of the grammar (or penalties) stage, which is what `next_token` picks.
+    """
+    stages = [("raw", logits.clone())]
+    for name, stage in _chain(settings, previous_ids, allowed):
+        stages.append((name, stage(stages[-1][1])))
+    if settings.greedy:
+        choosing = stages[2 if allowed is not None else 1][1]
+        return stages + [("final", _only_argmax(choosing))]
+    return stages + [("final", stages[-1][1].clone())]
 
 
 def process_logits(logits: torch.Tensor, settings: SamplingSettings,
                    previous_ids: torch.Tensor | None = None,
-                   trace: list | None = None) -> torch.Tensor:
-    """Apply every active stage in STAGE_ORDER and return the final logits.
+                   allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply every stage in order and return the logits a sampled token is drawn from.
 
-    logits: (vocab,) or (batch, vocab); previous_ids: (n,) shared by the batch, or (batch, n).
-    If `trace` is a list, (stage_name, probabilities) is appended after each active stage.
+    logits: (vocab,) or (batch, vocab); previous_ids: (n,) shared by the batch, or (batch, n);
+    allowed: bool (vocab,) or (batch, vocab), the grammar's mask, or None.
     """
-    stages = _penalty_stages(settings, previous_ids) + _shaping_stages(settings)
-    return _run(logits, stages, trace)
+    out = logits
+    for _, stage in _chain(settings, previous_ids, allowed):
+        out = stage(out)
+    return out
 
 
 def next_token(logits: torch.Tensor, settings: SamplingSettings,
                previous_ids: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None,
+               allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Choose the next token id per row: (..., vocab) -> (...) long.
 
-    Greedy settings take the argmax of the penalized logits (temperature and the filters cannot
-    change it). Otherwise the full chain runs and one token is drawn with `generator`; make it
-    once per generation with `make_generator(settings.seed)` so a seed reproduces the whole run.
+    Greedy settings take the argmax after the penalties and the grammar mask (temperature and the
+    filters cannot change it). Otherwise every stage runs and one token is drawn with `generator`;
+    make it once per generation with `make_generator(settings.seed)` so a seed reproduces the run.
     """
     if settings.greedy:
-        return argmax(_run(logits, _penalty_stages(settings, previous_ids), trace=None))
-    return draw(process_logits(logits, settings, previous_ids), generator)
+        chosen = apply_penalties(logits, previous_ids, settings)
+        return argmax(chosen if allowed is None else mask_tokens(chosen, allowed))
+    return draw(process_logits(logits, settings, previous_ids, allowed), generator)
 
 
 def make_generator(seed: int | None) -> torch.Generator:
