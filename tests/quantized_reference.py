@@ -1,7 +1,8 @@
 """The reference for models with block-quantized weights (attendo.optimize.BlockLinear).
 
 It is the same model doing in plain torch what the kernel does: weights rounded to the format's
-grid and, for the few rows of a decode step, activations rounded to int8 per block of 32.
+grid and activations rounded to int8 per block of 32 (per 256 for the K-quants, as llama.cpp's
+Q8_K: the value of largest magnitude becomes ±127).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attendo import optimize
+from gguf import GGMLQuantizationType as Q
+
 from attendo.optimize import BlockLinear
 
 
@@ -26,11 +28,19 @@ def activations_rounded(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks * inverse) * scale).reshape(x.shape)
 
 
+def activations_rounded_256(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernel rounds it for the K-quants: int8 per 256 with scale extreme/-127."""
+    blocks = x.reshape(*x.shape[:-1], -1, 256)
+    extreme = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True))
+    inverse = torch.where(extreme != 0, -127 / extreme, 0)
+    codes = torch.round(inverse * blocks).clamp(-127, 127)
+    return (codes * torch.where(inverse != 0, 1 / inverse, 0)).reshape(x.shape)
+
+
 def reference_forward(layer: BlockLinear, x: torch.Tensor) -> torch.Tensor:
     """BlockLinear.forward in plain torch: the rounding of the kernel, none of its code."""
-    rows = x.shape[:-1].numel()
-    if rows <= optimize._KERNEL_ROWS and layer.use_kernel:
-        x = activations_rounded(x)
+    if layer.use_kernel:
+        x = activations_rounded_256(x) if layer.qtype >= Q.Q2_K else activations_rounded(x)
     y = F.linear(x, layer.dequantized())
     return y if layer.bias is None else y + layer.bias
 

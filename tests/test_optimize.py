@@ -87,18 +87,18 @@ def test_a_broken_cached_library_is_reported_not_loaded(monkeypatch, tmp_path):
     broken = kernels._library_path(kernels._compiler())
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"not a shared library")  # a damaged cache file
-    kernels._library.cache_clear()
+    kernels.library.cache_clear()
     try:
         assert not kernels.available()
         assert str(broken) in kernels.unavailable_reason()
     finally:
-        kernels._library.cache_clear()
+        kernels.library.cache_clear()
 
 
 def test_without_a_compiler_the_kernel_is_unavailable_and_layers_fall_back(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    kernels._library.cache_clear()
+    kernels.library.cache_clear()
     try:
         assert not kernels.available()
         assert "no-such-cc" in kernels.unavailable_reason()
@@ -107,7 +107,7 @@ def test_without_a_compiler_the_kernel_is_unavailable_and_layers_fall_back(monke
         assert not layer.use_kernel
         assert torch.allclose(layer(x), x @ layer.dequantized().T, atol=1e-5)
     finally:
-        kernels._library.cache_clear()
+        kernels.library.cache_clear()
 
 
 def test_half_weights_stores_16_bits_and_matches_rounded_float32(tiny_llama_dir):

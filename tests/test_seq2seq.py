@@ -118,7 +118,9 @@ def test_padded_batch_matches_transformers(pair):
     with torch.no_grad():
         expected = reference(input_ids=source, attention_mask=mask, decoder_input_ids=decoder).logits
         ours = model.network.decode(decoder, memory)
-    assert max_diff(ours, expected) < 1e-4
+    # T5 v1.1's unscaled activations grow large: transformers' own float32 logits here are 1e-4
+    # from a float64 run, and attendo's (the kernels sum in another order) about as far away.
+    assert max_diff(ours, expected) < 2e-4
 
 
 def test_attention_maps_match_transformers(pair):
@@ -128,9 +130,10 @@ def test_attention_maps_match_transformers(pair):
     with torch.no_grad():
         expected = reference(input_ids=source, decoder_input_ids=decoder, output_attentions=True)
     maps = model.attention_maps(source, decoder_token_ids=decoder)
-    assert max_diff(maps["encoder"], torch.stack(expected.encoder_attentions)) < 1e-5
-    assert max_diff(maps["decoder"], torch.stack(expected.decoder_attentions)) < 1e-5
-    assert max_diff(maps["cross"], torch.stack(expected.cross_attentions)) < 1e-5
+    # the weights of layers after the first follow activations summed in another order (see above)
+    assert max_diff(maps["encoder"], torch.stack(expected.encoder_attentions)) < 2e-5
+    assert max_diff(maps["decoder"], torch.stack(expected.decoder_attentions)) < 2e-5
+    assert max_diff(maps["cross"], torch.stack(expected.cross_attentions)) < 2e-5
 
 
 def test_cached_decoding_equals_uncached(pair):

@@ -232,7 +232,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if unknown:
         raise UsageError(f"--also-weights takes int8, int4, float16 and bfloat16, not {unknown[0]!r}")
     options = {"dtype": args.dtype} if args.dtype else {}
-    print(bench(args.model, against, args.repeats, options, Path(args.out) if args.out else None, also))
+    ours = [e.strip() for e in args.engines.split(",") if e.strip()]
+    print(bench(args.model, against, args.repeats, options, Path(args.out) if args.out else None, also, ours))
 
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -381,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--also-weights", default="", help="comma-separated: also measure the fast path with int8, int4, float16 and/or bfloat16 weights"
     )
+    p.add_argument(
+        "--engines", default="attendo,attendo float32,attendo --fast",
+        help="comma-separated attendo configurations to measure (default: attendo,attendo float32,attendo --fast)",
+    )  # fmt: skip
     p.add_argument("--out", default="benchmarks/results/engine.json", help="where to write the JSON report")
     p.set_defaults(run=cmd_bench)
 

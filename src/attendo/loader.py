@@ -96,7 +96,7 @@ def load_weights(
         module = network.get_submodule(module_name)
         stored = _stored_blocks(tensors, rule, sources) if keep_blocks and leaf == "weight" else None
         if stored is not None and isinstance(module, (nn.Linear, nn.Embedding)):
-            network.set_submodule(module_name, _block_layer(module, *stored))
+            network.set_submodule(module_name, _block_layer(module, stored))
         else:
             value = rule.combine([tensors.load(s, dtype) for s in sources]).contiguous()
             setattr(module, leaf, nn.Parameter(value, requires_grad=False))
@@ -105,22 +105,32 @@ def load_weights(
             settle(network.get_submodule(block))
 
 
-def _stored_blocks(tensors: TensorSource, rule: Rule, sources: tuple[str, ...]) -> tuple[torch.Tensor, Q] | None:
-    """The sources' rows as stored blocks, when all are in one block format and the rule only
-    stacks rows (a transpose or a reshape cannot be done on blocks)."""
+def _stored_blocks(tensors: TensorSource, rule: Rule, sources: tuple[str, ...]) -> list[tuple[torch.Tensor, Q]] | None:
+    """The sources' rows as stored blocks, one (rows, format) part per run of sources in the same
+    format, when all are in block formats and the rule only stacks rows (a transpose or a
+    reshape cannot be done on blocks)."""
     read = getattr(tensors, "blocks", None)
     if read is None or rule.combine not in (only, concat):
         return None
     stored = [read(s) for s in sources]
-    if any(b is None for b in stored) or len({qtype for _, qtype in stored}) != 1:
+    if any(b is None for b in stored):
         return None
-    return torch.cat([rows for rows, _ in stored]), stored[0][1]
+    parts: list[tuple[list[torch.Tensor], Q]] = []
+    for rows, qtype in stored:
+        if parts and parts[-1][1] == qtype:
+            parts[-1][0].append(rows)
+        else:
+            parts.append(([rows], qtype))
+    return [(torch.cat(rows) if len(rows) > 1 else rows[0], qtype) for rows, qtype in parts]
 
 
-def _block_layer(module: nn.Linear | nn.Embedding, blocks: torch.Tensor, qtype: Q) -> nn.Module:
+def _block_layer(module: nn.Linear | nn.Embedding, parts: list[tuple[torch.Tensor, Q]]) -> nn.Module:
     if isinstance(module, nn.Embedding):
+        ((blocks, qtype),) = parts  # an embedding is one tensor
         return optimize.BlockEmbedding(optimize.BlockLinear(blocks, qtype, module.embedding_dim))
-    return optimize.BlockLinear(blocks, qtype, module.in_features, module.bias)
+    if len(parts) == 1:
+        return optimize.BlockLinear(*parts[0], module.in_features, module.bias)
+    return optimize.StackedLinear([optimize.BlockLinear(b, q, module.in_features) for b, q in parts], module.bias)
 
 
 def _block_of(parameter_name: str) -> str | None:
@@ -134,9 +144,10 @@ def load(source: str | Path, dtype: torch.dtype | str | None = None) -> Model:
 
     dtype: the weights' format in memory.
     - None (the default): as the file stores them where attendo can multiply by that format:
-      a GGUF file's Q8_0, Q4_0 and Q4_1 matrices stay in their blocks (about the file's size in
-      memory, and decoding reads a quarter or an eighth of float32's bytes); everything else,
-      and every matrix when no C compiler could build attendo.kernels, is float32.
+      a GGUF file's block matrices (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K...Q6_K) stay in their
+      blocks (about the file's size in memory, and decoding reads a quarter or an eighth of
+      float32's bytes); everything else, and every matrix when no C compiler could build
+      attendo.kernels, is float32.
     - "float32" (a GGUF file fully dequantized: the exact reference), "float16", "bfloat16".
     - "int8" or "int4" (or by ggml's names "q8_0", "q4_0", "q4_1"): weight-only quantization
       of every matrix while loading.

@@ -1,23 +1,27 @@
 """Speed-ups as passes over a loaded model; the model code itself stays as it reads.
 
+- ``use_kernels``: every nn.Linear becomes a KernelLinear, whose product (when no gradient is
+  needed) is attendo.kernels' batch-invariant one, so a sequence's logits are the same bits alone,
+  in a batch, and prefilled in chunks. The loader applies it to every model it makes.
 - ``quantize_weights``: weight-only quantization in ggml's block formats (Q8_0 for "int8", Q4_1
   for "int4"), the embedding table included: every 32 weights share a scale. Decoding one token
   reads every weight once, so on a CPU it is limited by memory bandwidth and by the work per
   weight: attendo.kernels multiplies by the blocks as bytes (or half bytes), with activations
-  rounded to int8 per block, as llama.cpp does. A GGUF file's Q8_0/Q4_0/Q4_1 matrices are
-  loaded straight into the same layers (see attendo.load).
+  rounded to int8 per block, as llama.cpp does. A GGUF file's block matrices (Q8_0, Q4_0, Q4_1,
+  Q5_0, Q5_1 and the K-quants) are loaded straight into the same layers (see attendo.load).
 - ``half_weights``: keep the linear layers' weights in 16 bits (float16 or bfloat16).
 - ``compile_decode``: compile the network for the decode step with torch.compile. With a KV cache
   of fixed shapes every step has the same shapes, so it compiles once; the compiled step has no
-  per-operation Python overhead, and the block products stay calls of the kernel.
+  per-operation Python overhead, and the products stay calls of the kernels.
 
-HalfLinear picks its compiled form with ``torch.compiler.is_compiling()``: the eager path
-(prefill, inspection) is the plain matrix multiply, and both forms compute the same product.
+Without a C compiler the kernels are missing; every layer then falls back to torch's own
+product (of the dequantized weights, for blocks): the same values to rounding, but a row's
+result may then depend on how many rows are computed together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +31,36 @@ from torch import nn
 from attendo import kernels
 from attendo.weights import ggml_blocks
 
-# Up to this many rows, the compiled product-and-sum form beats a matrix multiply.
-_VECTOR_ROWS = 8
-# Up to this many rows, the block kernel beats dequantizing for a float32 matrix multiply.
-_KERNEL_ROWS = 64
 # The weight formats quantize_weights makes, by the names users give them: ggml's own names, and
 # int8/int4 for the formats closest to plain 8- and 4-bit weights.
 QUANTIZED_FORMATS = {"int8": Q.Q8_0, "int4": Q.Q4_1, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 # Rows quantized at a time, so quantizing a large matrix needs little extra memory.
 _CHUNK_ROWS = 4096
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must see this product (training): then it is torch's own."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _kernel_product(x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int) -> torch.Tensor:
+    """x (..., in) · Wᵀ by the kernel, in x's dtype (the kernel works in float32)."""
+    rows = x.shape[:-1].numel()
+    y = kernels.matmul(x.reshape(rows, -1).float(), weight, fmt, out_features)
+    return y.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
+class KernelLinear(nn.Linear):
+    """nn.Linear (same parameters, same training behaviour) whose product, when no gradient is
+    needed, is the kernels' batch-invariant one for its float32/float16/bfloat16 weight."""
+
+    use_kernel = False  # set by use_kernels, where the kernels are built
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_kernel or _needs_grad(x, self.weight, self.bias):
+            return super().forward(x)
+        y = _kernel_product(x, self.weight, kernels.weight_format(self.weight, None), self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
 class HalfLinear(nn.Module):
@@ -45,24 +70,26 @@ class HalfLinear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight.detach().to(dtype))
         self.bias = bias
+        # Asked once here: the answer is a cached build or load, which torch.compile cannot trace.
+        self.use_kernel = kernels.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.shape[:-1].numel() <= _VECTOR_ROWS:
-            # (rows, 1, in) * (out, in) summed over in: compiled into one pass over W.
-            y = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1)
+        if self.use_kernel:
+            y = _kernel_product(x, self.weight, kernels.weight_format(self.weight, None), self.weight.shape[0])
         else:
             y = F.linear(x, self.weight.to(x.dtype))
         return y if self.bias is None else y + self.bias
 
 
 class BlockLinear(nn.Module):
-    """y = x Wᵀ + b with W in one of ggml's block formats (Q8_0, Q4_0, Q4_1), as a GGUF file
-    stores it: every 32 weights of a row share a float16 scale (and for Q4_1 a minimum).
+    """y = x Wᵀ + b with W in one of ggml's block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K...
+    Q6_K), as a GGUF file stores it: every 32 (or 256) weights of a row share a float16 scale.
 
-    ``blocks`` holds the bytes, one row of W per row. Up to _KERNEL_ROWS rows of x (decoding)
-    go through attendo.kernels' block product, which reads each weight once as the byte (or
-    half byte) it is; more rows (a prompt) are cheaper as one float32 matrix multiply of the
-    dequantized weights, and so is every product where no C compiler built the kernel.
+    ``blocks`` holds the bytes, one row of W per row. attendo.kernels multiplies by them as they
+    are (reading each weight once as the bits it is), for any number of rows of x; where no C
+    compiler built the kernels, the product is a float32 matrix multiply of the dequantized
+    weights (which only Q8_0, Q4_0 and Q4_1 can do without the kernels: the loader keeps other
+    formats as blocks only where the kernels exist).
     """
 
     def __init__(self, blocks: torch.Tensor, qtype: Q, in_features: int, bias: torch.Tensor | None = None) -> None:
@@ -71,7 +98,7 @@ class BlockLinear(nn.Module):
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
         self.bias = bias
         # Asked once here: the answer is a cached build or load, which torch.compile cannot trace.
-        self.use_kernel = kernels.available()
+        self.use_kernel = kernels.supports(int(qtype), in_features)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, qtype: Q) -> BlockLinear:
@@ -80,24 +107,40 @@ class BlockLinear(nn.Module):
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The dequantized rows W[index] (index.shape + (in,)): an embedding lookup."""
+        if self.use_kernel and not torch.compiler.is_compiling():
+            values = kernels.dequantize(self.blocks, int(self.qtype), self.in_features, index)
+            return values.view(*index.shape, self.in_features)
         return ggml_blocks.decode(self.blocks[index].reshape(-1), self.qtype, (*index.shape, self.in_features))
 
     def dequantized(self) -> torch.Tensor:
-        if self.use_kernel and not torch.compiler.is_compiling():
-            return kernels.block_dequantize(self.blocks, int(self.qtype), self.in_features)
         return self.rows(torch.arange(self.out_features, device=self.blocks.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[:-1].numel()
-        if rows <= _KERNEL_ROWS and self.use_kernel:
-            y = kernels.block_matmul(x.reshape(rows, -1).float(), self.blocks, int(self.qtype), self.out_features)
-            y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        if self.use_kernel:
+            y = _kernel_product(x, self.blocks, int(self.qtype), self.out_features)
         else:
             y = F.linear(x, self.dequantized().to(x.dtype))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.qtype.name}"
+
+
+class StackedLinear(nn.Module):
+    """One linear layer whose output rows come from several layers stacked: a fused projection
+    (q/k/v, gate/up) whose source matrices a file stores in different block formats, as a
+    Q4_K_M file stores v in Q6_K beside q and k in Q4_K. y = cat(part(x) for part in parts) + b."""
+
+    def __init__(self, parts: Sequence[nn.Module], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.bias = bias
+        self.in_features = parts[0].in_features
+        self.out_features = sum(part.out_features for part in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([part(x) for part in self.parts], dim=-1)
+        return y if self.bias is None else y + self.bias
 
 
 class BlockEmbedding(nn.Module):
@@ -117,6 +160,23 @@ def _replace_linears(network: nn.Module, make: Callable[[nn.Linear], nn.Module |
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and (replacement := make(child)) is not None:
                 setattr(module, name, replacement)
+
+
+def use_kernels(network: nn.Module) -> nn.Module:
+    """Make every plain nn.Linear a KernelLinear sharing its parameters (tied weights stay tied),
+    in place; a no-op where the kernels could not be built."""
+    if kernels.available():
+        _replace_linears(network, _kernel_linear)
+    return network
+
+
+def _kernel_linear(layer: nn.Linear) -> KernelLinear | None:
+    if type(layer) is not nn.Linear or not kernels.supports(kernels.weight_format(layer.weight, None), layer.in_features):
+        return None
+    replacement = KernelLinear(layer.in_features, layer.out_features, bias=False, device="meta")
+    replacement.weight, replacement.bias = layer.weight, layer.bias
+    replacement.use_kernel = True
+    return replacement
 
 
 def half_weights(network: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from attendo.bench.hardware import matmul_gflops, memory_bandwidth_gbs
+from attendo.bench.hardware import matmul_gflops, memory_bandwidth_gbs, vector_flags
 from attendo.bench.workload import Workload
+from attendo.errors import InvalidSettingError
 
 # The configuration peers are compared with: the weights as loaded (a GGUF file's own blocks)
 # and a compiled decode step.
@@ -79,6 +80,7 @@ def measure(
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {
             "cpu": _cpu_name(),
+            "cpu_flags": vector_flags(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "memory_bandwidth_gbs": memory_bandwidth_gbs(work.threads),
@@ -104,7 +106,7 @@ def _cpu_name() -> str:
 def format_table(report: dict[str, Any]) -> str:
     """A markdown table: each engine's median (min-max), and each peer as a ratio to attendo."""
     engines = list(report["results"])
-    reference = REFERENCE if REFERENCE in report["results"] else "attendo"
+    reference = REFERENCE if REFERENCE in report["results"] else engines[0]
     ours = report["results"].get(reference)
     header = "| metric | " + " | ".join(engines) + " |"
     lines = [header, "|" + "---|" * (len(engines) + 1)]
@@ -124,7 +126,7 @@ def format_table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines.append("")
     lines.append(
-        f"Machine: {m['cpu']}, {m['cores']} cores, {report['workload']['threads']} threads per engine; "
+        f"Machine: {m['cpu']} ({m['cpu_flags']}), {m['cores']} cores, {report['workload']['threads']} threads per engine; "
         f"measured copy bandwidth {m['memory_bandwidth_gbs']:.1f} GB/s, float32 matmul {m['matmul_gflops']:.0f} GFLOP/s. "
         f"Median (min-max) of {report['repeats']} interleaved runs; 'attendo Nx' = {reference}'s speed over the peer's "
         "(memory and load time: the peer's over attendo's)."
@@ -149,14 +151,20 @@ def main(
     options: dict[str, Any],
     out: Path | None,
     also: Sequence[str] = (),
+    ours: Sequence[str] = ("attendo", "attendo float32", REFERENCE),
 ) -> str:
     """Measure attendo and the available peers; returns the table (and writes JSON to out).
     also: more weight formats for the fast path to measure beside the file's own (int8, int4,
-    float16, bfloat16)."""
+    float16, bfloat16). ours: the attendo configurations to measure (see worker.ENGINES)."""
+    from attendo.bench.worker import ENGINES
     from attendo.registry import resolve
 
+    unknown = [engine for engine in ours if engine not in ENGINES or not engine.startswith("attendo")]
+    if unknown:
+        known = ", ".join(e for e in ENGINES if e.startswith("attendo"))
+        raise InvalidSettingError(f"unknown attendo engine {unknown[0]!r} (known: {known})")
     path = str(resolve(model))
-    engines = ["attendo", "attendo float32", REFERENCE, *(f"{REFERENCE} {weights}" for weights in also)]
+    engines = [*ours, *(f"{REFERENCE} {weights}" for weights in also)]
     skipped = []
     for peer in against:
         reason = engine_available(peer)

@@ -1,15 +1,23 @@
 """Hand-written CPU kernels, built from C source on first use and cached.
 
-One library so far (block_matmul.c): the matrix product with weights in ggml's block formats,
-and their dequantization for products with many rows.
-It is compiled with the machine's C compiler (``$CC``, else ``cc``) for the machine's own CPU
-(``-march=native``), as torch.compile compiles its kernels, and kept in the user's cache
-directory under a name that hashes the source and the flags. Where no compiler works,
-``available()`` is False and ``unavailable_reason()`` says why; callers then fall back to
-dequantizing the weights for torch's own matrix multiply.
+- matmul.c: y = x·Wᵀ with W in float32/float16/bfloat16 or one of ggml's block formats (Q8_0,
+  Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q2_K...Q6_K), multiplied as the bytes they are;
+  and the dequantization of such rows (an embedding lookup, a reference).
+- attention.c: softmax(QKᵀ·scale + bias)V over the keys a mask allows.
 
-The product is registered as the torch operator ``attendo::block_matmul`` so that a compiled
-decode step calls it as one opaque operation.
+Both are batch-invariant: a row's result depends on that row's inputs alone, never on how many
+other rows are computed beside it, so a prompt gives bit for bit the same logits alone, in a
+batch, prefilled whole or in chunks (torch's matrix multiply and fused attention do not promise
+that; see the C files for why).
+
+The library is compiled with the machine's C compiler (``$CC``, else ``cc``) for the machine's own
+CPU (``-march=native``: AVX-512 VNNI, AVX-VNNI or AVX2 code, whichever the CPU has), and kept in
+the user's cache directory under a name that hashes the sources, the flags and the CPU's feature
+flags. Where no compiler works, ``available()`` is False and ``unavailable_reason()`` says why;
+callers then fall back to torch's own products (fast and correct, but not batch-invariant).
+
+The products are registered as the torch operators ``attendo::matmul`` and ``attendo::attention``
+so that a compiled decode step calls them as opaque operations.
 """
 
 from __future__ import annotations
@@ -26,9 +34,19 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("block_matmul.c")
+_DIRECTORY = Path(__file__).parent
+_SOURCES = [_DIRECTORY / "matmul.c", _DIRECTORY / "attention.c"]
+_HEADERS = [_DIRECTORY / "simd.h"]
 # No contraction of a·b + c into one rounding: the dequantized weights equal torch's, bit for bit.
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+_COMMON_FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+NATIVE = ("-march=native",)
+# What the AVX2-only machines build (tests build this too, to keep that path checked).
+AVX2_ONLY = ("-mavx2", "-mfma", "-mf16c")
+PORTABLE = ()  # plain C: the fallback for CPUs without AVX2
+
+# ggml's type numbers of the float formats; the block formats use GGMLQuantizationType's.
+F32, F16, BF16 = 0, 1, 30
+_FLOAT_FORMATS = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 
 
 def _cache_dir() -> Path:
@@ -40,113 +58,190 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _cpu_signature() -> str:
-    """What -march=native compiles for: a library built on one CPU may not run on another that
-    shares the cache directory, so the CPU's feature flags are part of the library's name."""
+def cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo lists them (what -march=native compiles for)."""
     try:
         with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), platform.processor())
+            line = next((line for line in info if line.startswith(("flags", "Features"))), "")
+            return line.partition(":")[2].strip() or platform.processor()
     except OSError:
-        return platform.machine() + platform.processor()
+        return platform.machine() + " " + platform.processor()
 
 
-def _library_path(compiler: str) -> Path:
-    """Where the library built from this source, with this compiler and flags, for this CPU lives."""
-    identity = _SOURCE.read_bytes() + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()
-    return _cache_dir() / f"block_matmul-{hashlib.sha256(identity).hexdigest()[:16]}.so"
+def _library_path(compiler: str, flags: tuple[str, ...] = NATIVE) -> Path:
+    """Where the library built from these sources, with this compiler and flags, for this CPU lives."""
+    identity = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
+    identity += " ".join([compiler, *_COMMON_FLAGS, *flags, cpu_flags()]).encode()
+    return _cache_dir() / f"attendo-kernels-{hashlib.sha256(identity).hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
+    """Compile the library to target; the reason when that fails."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed, so concurrent first uses never load half a file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        command = [compiler, *_COMMON_FLAGS, *flags, *map(str, _SOURCES), "-o", str(built)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True)
+        except OSError as error:
+            return f"cannot run the C compiler {compiler}: {error.strerror}"
+        if result.returncode != 0:
+            first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr)
+            return f"{compiler} could not build the kernels: {first_error.strip() or 'exit code ' + str(result.returncode)}"
+        os.replace(built, target)
+    return None
 
 
 @cache
-def _library() -> ctypes.CDLL | str:
-    """The loaded kernel library, or the reason there is none."""
+def library(flags: tuple[str, ...] = NATIVE) -> ctypes.CDLL | str:
+    """The kernel library built with these instruction-set flags, or the reason there is none."""
     compiler = _compiler()
     if compiler is None:
         return "no C compiler found (set CC, or install gcc)"
-    target = _library_path(compiler)
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Built beside its final name and renamed, so concurrent first uses never load half a file.
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            command = [compiler, *_FLAGS, str(_SOURCE), "-o", str(built)]
-            try:
-                result = subprocess.run(command, capture_output=True, text=True)
-            except OSError as error:
-                return f"cannot run the C compiler {compiler}: {error.strerror}"
-            if result.returncode != 0:
-                first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr)
-                return f"{compiler} could not build {_SOURCE.name}: {first_error.strip() or 'exit code ' + str(result.returncode)}"
-            os.replace(built, target)
+    target = _library_path(compiler, flags)
+    if not target.exists() and (problem := _build(compiler, flags, target)):
+        return problem
     try:
-        library = ctypes.CDLL(str(target))
+        loaded = ctypes.CDLL(str(target))
     except OSError as error:
         return f"cannot load {target} ({error}); delete it to rebuild"
-    library.attendo_block_matmul.restype = ctypes.c_int
-    library.attendo_block_matmul.argtypes = [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-    ]  # fmt: skip
-    library.attendo_block_dequantize.restype = ctypes.c_int
-    library.attendo_block_dequantize.argtypes = [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-    ]  # fmt: skip
-    return library
+    c_int, c_ptr, c_float = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    signatures = {
+        "attendo_supports": [c_int, c_int],
+        "attendo_matmul": [c_int, c_ptr, c_int, c_int, c_ptr, c_int, c_ptr, c_int],
+        "attendo_dequantize": [c_int, c_ptr, c_int, c_ptr, c_int, c_ptr, c_int],
+        "attendo_attention": [c_ptr] * 10 + [c_int] * 6 + [c_float, c_ptr, c_int],
+    }
+    for name, arguments in signatures.items():
+        function = getattr(loaded, name)
+        function.restype, function.argtypes = c_int, arguments
+    return loaded
 
 
+@torch.compiler.assume_constant_result  # asked inside compiled steps too: the answer never changes
 def available() -> bool:
-    return not isinstance(_library(), str)
+    return not isinstance(library(), str)
 
 
 def unavailable_reason() -> str | None:
-    library = _library()
-    return library if isinstance(library, str) else None
+    loaded = library()
+    return loaded if isinstance(loaded, str) else None
 
 
-def block_matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
-    """x (rows, in) float32 · Wᵀ → (rows, out_features), W given as ggml blocks of type `qtype`
-    (uint8, out_features rows). Needs available().
+def _loaded() -> ctypes.CDLL:
+    loaded = library()
+    if isinstance(loaded, str):
+        raise RuntimeError(loaded)
+    return loaded
+
+
+def weight_format(weight: torch.Tensor, qtype: int | None) -> int:
+    """The kernel's format number for a weight: a float tensor's dtype, or the ggml type of blocks."""
+    if weight.dtype == torch.uint8:
+        if qtype is None:
+            raise ValueError("block weights need their ggml type")
+        return int(qtype)
+    return _FLOAT_FORMATS[weight.dtype]
+
+
+def supports(fmt: int, in_features: int) -> bool:
+    """Whether the kernels multiply by rows of in_features values stored in format fmt."""
+    return available() and bool(_loaded().attendo_supports(fmt, in_features))
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int) -> torch.Tensor:
+    """x (rows, in) float32 · Wᵀ → (rows, out_features). weight: float (out, in) or ggml blocks
+    (out, bytes per row) in format fmt (see weight_format). Needs available().
 
     Eager callers reach the C function straight through ctypes; a compiled graph calls the
     registered operator (which costs a few microseconds more per call)."""
     if torch.compiler.is_compiling():
-        return torch.ops.attendo.block_matmul(x, blocks, qtype, out_features)
-    return _block_matmul(x, blocks, qtype, out_features)
+        return torch.ops.attendo.matmul(x, weight, fmt, out_features)
+    return _matmul(x, weight, fmt, out_features)
 
 
-def _loaded() -> ctypes.CDLL:
-    library = _library()
-    if isinstance(library, str):
-        raise RuntimeError(library)
-    return library
-
-
-def _block_matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
-    library = _loaded()
+def _matmul(x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int) -> torch.Tensor:
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out_features)
-    status = library.attendo_block_matmul(
-        qtype, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()
+    status = _loaded().attendo_matmul(
+        fmt, weight.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()
     )
     if status != 0:
-        raise RuntimeError(f"block_matmul failed for ggml type {qtype} ({x.shape[0]} x {x.shape[1]})")
+        raise RuntimeError(f"the kernels cannot multiply by format {fmt} with rows of {x.shape[1]}")
     return y
 
 
-def block_dequantize(blocks: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
-    """The float32 matrix (rows, in_features) that ggml blocks of type `qtype` hold. Needs available()."""
-    library = _loaded()
-    values = torch.empty(blocks.shape[0], in_features)
-    if library.attendo_block_dequantize(qtype, blocks.data_ptr(), blocks.shape[0], in_features, values.data_ptr(), torch.get_num_threads()):
-        raise RuntimeError(f"block_dequantize does not know ggml type {qtype}")
+def dequantize(weight: torch.Tensor, fmt: int, in_features: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows index (all when None) of W as float32 (len(index), in_features). Needs available()."""
+    if index is None:
+        index = torch.arange(weight.shape[0])
+    index = index.reshape(-1).to(torch.int64).contiguous()
+    if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < weight.shape[0]:
+        raise IndexError(f"row index out of range for a table of {weight.shape[0]} rows")
+    values = torch.empty(index.numel(), in_features)
+    if _loaded().attendo_dequantize(fmt, weight.data_ptr(), in_features, index.data_ptr(), index.numel(), values.data_ptr(), torch.get_num_threads()):
+        raise RuntimeError(f"the kernels cannot dequantize format {fmt} with rows of {in_features}")
     return values
 
 
-# A plain operator (not torch.library.custom_op, whose Python wrappers cost 30 µs per call).
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask)·v: q (batch, heads, queries, dim), k and v (batch, kv_heads, keys,
+    dim) with heads a multiple of kv_heads; mask broadcastable to (batch, heads, queries, keys),
+    bool (True: may attend) or float (added to the scores; -inf hides a key). float32; a query
+    that may attend to no key gets zeros. Needs available()."""
+    if torch.compiler.is_compiling():
+        return torch.ops.attendo.attention(q, k, v, mask, scale)
+    return _attention(q, k, v, mask, scale)
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    t = t if t.dtype == torch.float32 else t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> ctypes.Array:
+    return (ctypes.c_int64 * t.dim())(*t.stride())
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    batch, heads, queries, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    out = q.new_empty(batch, heads, queries, dim)
+    allowed = bias = None
+    if mask is not None:
+        full = mask.expand(batch, heads, queries, keys)
+        if mask.dtype == torch.bool:
+            allowed = full if full.stride(-1) in (0, 1) else full.contiguous()
+        else:
+            bias = full.float()
+    status = _loaded().attendo_attention(
+        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
+        None if allowed is None else allowed.data_ptr(), None if allowed is None else _strides(allowed),
+        None if bias is None else bias.data_ptr(), None if bias is None else _strides(bias),
+        batch, heads, kv_heads, queries, keys, dim, scale, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("attention: out of memory")
+    return out
+
+
+# Plain operators (not torch.library.custom_op, whose Python wrappers cost 30 µs per call).
 _OPERATORS = torch.library.Library("attendo", "DEF")
-_OPERATORS.define("block_matmul(Tensor x, Tensor blocks, int qtype, int out_features) -> Tensor")
-_OPERATORS.impl("block_matmul", _block_matmul, "CPU")
+_OPERATORS.define("matmul(Tensor x, Tensor weight, int fmt, int out_features) -> Tensor")
+_OPERATORS.impl("matmul", _matmul, "CPU")
+_OPERATORS.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+_OPERATORS.impl("attention", _attention, "CPU")
 
 
-@torch.library.register_fake("attendo::block_matmul", lib=_OPERATORS)
-def _(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
+@torch.library.register_fake("attendo::matmul", lib=_OPERATORS)
+def _(x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.register_fake("attendo::attention", lib=_OPERATORS)
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape, dtype=torch.float32)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attendo import kernels
 from attendo.config import ModelConfig
 from attendo.layers.kv_cache import KVCache
 from attendo.layers.positions import apply_rope
@@ -67,8 +68,15 @@ def attend(
     scale: float,
     record: list[torch.Tensor] | None,
 ) -> torch.Tensor:
-    """q (batch, heads, queries, head_dim); k, v (batch, kv_heads, keys, head_dim)."""
+    """q (batch, heads, queries, head_dim); k, v (batch, kv_heads, keys, head_dim).
+
+    Without gradients, attendo.kernels' attention, whose result for a query depends on nothing
+    but the keys it may see (torch's fused kernel differs in the last bits with the number of
+    keys and with the mask, so a sequence would decode differently alone and in a batch)."""
     groups = q.shape[1] // k.shape[1]
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if record is None and kernels.available() and not needs_grad:
+        return kernels.attention(q, k, v, mask, scale).to(q.dtype)
     if record is None:  # the fused kernel shares each key/value head among its query heads itself
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads

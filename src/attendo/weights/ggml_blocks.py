@@ -1,14 +1,20 @@
-"""ggml's most common block formats, encoded and decoded with torch operations.
+"""ggml's block formats: which ones attendo multiplies by, and the three most common encoded and
+decoded with torch operations.
 
 Each format stores a row as blocks of 32 values sharing a float16 scale (and, for Q4_1, a
 minimum). Decoding them with vectorized torch ops is an order of magnitude faster than the gguf
-package's generic numpy code, which matters for start-up time. Other formats fall back to gguf.
-Encoding is what quantizing a float model to these formats takes (attendo.kernels multiplies
-by them as they are).
+package's generic numpy code, which matters for start-up time where the kernels are missing;
+with them, attendo.kernels dequantizes every format. Encoding is what quantizing a float model
+to these formats takes (attendo.kernels multiplies by them as they are).
 
     Q8_0: [d: f16][q: 32 x int8]                        value = d * q
     Q4_0: [d: f16][16 bytes: low nibbles, high nibbles] value = d * (q - 8)
     Q4_1: [d: f16][m: f16][16 bytes as Q4_0]            value = d * q + m
+
+The other formats attendo.kernels multiplies by (their layouts are spelled out in
+kernels/matmul.c): Q5_0 and Q5_1 (Q4_0/Q4_1 with a fifth bit per value), and the K-quants, whose
+blocks of 256 values have a scale (and minimum) per sub-block of 16 or 32: Q2_K, Q3_K, Q4_K,
+Q5_K, Q6_K.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ BLOCK = 32
 _BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}
 DECODABLE = frozenset(_BLOCK_BYTES) | {Q.F32, Q.F16, Q.BF16}
 # The formats attendo.kernels multiplies by directly.
-MULTIPLIABLE = frozenset(_BLOCK_BYTES)
+MULTIPLIABLE = frozenset(_BLOCK_BYTES) | {Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 
 
 def _f16(block_bytes: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 A GGUF file is a header (typed key/value metadata, then one entry per tensor giving its name, ggml
 shape, type and offset) followed by the aligned tensor data. We parse the header ourselves with
 ``struct``: ``gguf.GGUFReader`` turns every element of the 100k-entry tokenizer arrays into its own
-numpy view and needs seconds to open a small model. Tensor data is memory-mapped and dequantized
-with ``gguf.quants`` only when a tensor is loaded.
+numpy view and needs seconds to open a small model. Tensor data is read only when a tensor is
+loaded: kept as its blocks (``blocks``) or dequantized (by attendo.kernels, else ``gguf.quants``).
 
 Everything leaves this module in Hugging Face terms (config keys, tensor names and layouts, a
 ``tokenizers.Tokenizer``), so the rest of attendo never sees a GGUF key name.
@@ -27,6 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from attendo import kernels
 from attendo.errors import CheckpointError, UnsupportedModelError
 from attendo.weights import ggml_blocks
 from attendo.weights.source import Checkpoint
@@ -165,7 +166,20 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
         if name in tensors:
             raise CheckpointError(f"{path}: tensor {name!r} appears twice")
         tensors[name] = _tensor_info(path, size, name, ne, raw_type, data_start + offset)
+    _check_no_overlap(path, tensors)
     return metadata, tensors
+
+
+def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    """Each tensor's bytes, as its shape and type imply, must end before the next one's begin: a
+    tensor whose size does not match its shape would otherwise be read as its neighbour's data."""
+    ordered = sorted(tensors.items(), key=lambda item: item[1].offset)
+    for (name, info), (following, after) in zip(ordered, ordered[1:]):
+        if info.offset + info.n_bytes > after.offset:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ({info.type.name}, shape {list(info.shape)}) needs {info.n_bytes} bytes, "
+                f"but {following!r} starts {after.offset - info.offset} bytes after it: its size does not match its shape"
+            )
 
 
 def _tensor_info(
@@ -271,6 +285,9 @@ class GGUFTensors:
         raw = self._raw(info)
         if info.type in ggml_blocks.DECODABLE:
             tensor = ggml_blocks.decode(torch.from_numpy(raw), info.type, info.shape)
+        elif kernels.supports(int(info.type), info.shape[-1]):  # gguf's numpy code, 20x faster
+            rows = torch.from_numpy(raw).view(-1, info.n_bytes // max(1, math.prod(info.shape[:-1])))
+            tensor = kernels.dequantize(rows, int(info.type), info.shape[-1]).reshape(info.shape)
         else:
             try:
                 values = dequantize(raw.reshape(*info.shape[:-1], -1), info.type)

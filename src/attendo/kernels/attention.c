@@ -1,0 +1,141 @@
+/* softmax(scale·Q·Kᵀ + bias)·V over the keys a mask allows, one query row at a time, so that a
+   row's result does not depend on what else is computed with it: batch-invariant.
+
+   Why not torch's fused attention: it splits the keys into blocks and rescales partial sums as it
+   goes, and how it does so depends on how many keys there are and on whether there is a mask. A
+   sequence decoded alone reads its own keys with no mask; in a batch it reads as many keys as
+   the longest sequence, the extra ones masked; the two come out a few units in the last place
+   apart, and greedy decoding then picks a different word now and then.
+
+   Here the result for a query depends only on the keys it may see, in the positions they hold:
+     1. its score with every allowed key j: scale · (q · k_j) + bias_j, a dot product in a fixed
+        order; keys the mask hides (or whose bias is -inf) get -inf;
+     2. the largest score m; e^(s_j - m) for every key, in groups of 8 lanes by key position
+        (hidden keys give exactly 0, so keys beyond a short sequence's end change no sum);
+     3. Σ_j e^(s_j - m)·v_j over allowed keys in key order, divided by the sum of the weights.
+
+   Tensors come as base pointers and element strides (batch, head, position) with the last
+   dimension contiguous; a mask or bias may broadcast (stride 0) over any of its dimensions. */
+
+#include <stdlib.h>
+
+#include <omp.h>
+
+#include "simd.h"
+
+enum { LANES = 8 };
+
+static float dot(const float *a, const float *b, int n) {
+    int i = 0;
+    float total = 0.0f;
+#ifdef __AVX2__
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    for (; i + 2 * LANES <= n; i += 2 * LANES) {
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + LANES), _mm256_loadu_ps(b + i + LANES), odd);
+    }
+    total = hsum8(_mm256_add_ps(even, odd));
+#endif
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* acc += p·v over n values */
+static void add_scaled(float *acc, float p, const float *v, int n) {
+    int i = 0;
+#ifdef __AVX2__
+    const __m256 weight = _mm256_set1_ps(p);
+    for (; i + LANES <= n; i += LANES)
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+#endif
+    for (; i < n; i++) acc[i] += p * v[i];
+}
+
+/* scores[0..padded) → e^(scores - top) in place; returns their sum. padded is a multiple of 8
+   and scores past the last key are -inf. */
+static float exponentiate(float *scores, int padded, float top) {
+#ifdef __AVX2__
+    __m256 sums = _mm256_setzero_ps();
+    for (int j = 0; j < padded; j += LANES) {
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(scores + j, p);
+        sums = _mm256_add_ps(sums, p);
+    }
+    return hsum8(sums);
+#else
+    float lanes[LANES] = {0};
+    for (int j = 0; j < padded; j++) {
+        scores[j] = exp1(scores[j] - top);
+        lanes[j % LANES] += scores[j];
+    }
+    float total = 0.0f;
+    for (int l = 0; l < LANES; l++) total += lanes[l];
+    return total;
+#endif
+}
+
+typedef struct {
+    const float *q, *k, *v;
+    const int64_t *q_strides, *k_strides, *v_strides; /* (batch, head, position) */
+    const uint8_t *mask;
+    const int64_t *mask_strides; /* (batch, head, query, key) */
+    const float *bias;
+    const int64_t *bias_strides;
+    int heads, kv_heads, queries, keys, dim;
+    float scale;
+    float *out; /* (batch, heads, queries, dim), contiguous */
+} Attention;
+
+static void attend_one(const Attention *a, int b, int h, int i, float *scores) {
+    const int kv = h / (a->heads / a->kv_heads), padded = (a->keys + LANES - 1) / LANES * LANES;
+    const float *q = a->q + b * a->q_strides[0] + h * a->q_strides[1] + i * a->q_strides[2];
+    const float *k = a->k + b * a->k_strides[0] + kv * a->k_strides[1];
+    const float *v = a->v + b * a->v_strides[0] + kv * a->v_strides[1];
+    const uint8_t *mask = a->mask ? a->mask + b * a->mask_strides[0] + h * a->mask_strides[1] + i * a->mask_strides[2] : NULL;
+    const float *bias = a->bias ? a->bias + b * a->bias_strides[0] + h * a->bias_strides[1] + i * a->bias_strides[2] : NULL;
+    float *out = a->out + (((size_t)b * a->heads + h) * a->queries + i) * a->dim;
+
+    float top = -INFINITY;
+    for (int j = 0; j < a->keys; j++) {
+        const float added = bias ? bias[j * a->bias_strides[3]] : 0.0f;
+        if ((mask && !mask[j * a->mask_strides[3]]) || added == -INFINITY) {
+            scores[j] = -INFINITY;
+            continue;
+        }
+        scores[j] = a->scale * dot(q, k + j * a->k_strides[2], a->dim) + added;
+        top = fmaxf(top, scores[j]);
+    }
+    memset(out, 0, sizeof(float) * a->dim);
+    if (top == -INFINITY) return; /* nothing to attend to (a padding query): zeros */
+    for (int j = a->keys; j < padded; j++) scores[j] = -INFINITY;
+    const float total = exponentiate(scores, padded, top);
+    /* hidden keys have weight 0 (and so may hold anything, like a cache's stale positions) */
+    for (int j = 0; j < a->keys; j++)
+        if (scores[j] != 0.0f) add_scaled(out, scores[j], v + j * a->v_strides[2], a->dim);
+    for (int d = 0; d < a->dim; d++) out[d] /= total;
+}
+
+/* Returns 0, or -1 when memory runs out. */
+int attendo_attention(const float *q, const int64_t *q_strides, const float *k, const int64_t *k_strides,
+                      const float *v, const int64_t *v_strides, const uint8_t *mask, const int64_t *mask_strides,
+                      const float *bias, const int64_t *bias_strides, int batch, int heads, int kv_heads,
+                      int queries, int keys, int dim, float scale, float *out, int threads) {
+    const Attention a = {q, k, v, q_strides, k_strides, v_strides, mask, mask_strides, bias, bias_strides,
+                         heads, kv_heads, queries, keys, dim, scale, out};
+    const long tasks = (long)batch * heads * queries;
+    const size_t padded = (size_t)(keys + LANES - 1) / LANES * LANES;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (tasks > 1)
+    {
+        float *scores = malloc(sizeof(float) * (padded ? padded : LANES));
+        if (scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (long t = 0; t < tasks; t++)
+            if (scores) attend_one(&a, (int)(t / ((long)heads * queries)), (int)(t / queries % heads), (int)(t % queries), scores);
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}

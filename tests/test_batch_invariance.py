@@ -1,0 +1,229 @@
+"""A sequence's logits are the same bits whether it runs alone, in a batch of any size, joins a
+batch that is already running, or has its prompt prefilled whole or in chunks; in every weight
+format; eager and compiled; through the Python API and through the server.
+
+The reference is the sequence run alone: every other way of running it must give exactly
+(torch.equal) the logits of every step, not merely the same greedy tokens. That is what makes
+temperature 0 and a fixed seed mean one answer. (Before attendo.kernels, torch's fused attention
+read a batch's extra masked keys and its matrix multiply chose its blocking by the row count,
+and 5 of 8 chat prompts decoded differently alone and in a batch.)
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CONFIGS, save_tiny_model
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+
+import attendo
+from attendo import kernels
+from attendo.generation.loop import Batch, Request
+from attendo.generation.sampler import SamplingSettings
+from attendo.optimize import BlockLinear
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"no kernels: {kernels.unavailable_reason()}")
+pytestmark = needs_kernels
+
+# The prompt under test, and others of different lengths to keep it company.
+TARGET = "The capital of France is Paris. The"
+OTHERS = ["Hello world!", "def add(a, b):\n    return a + b", "naïve café 😀", "The quick brown fox jumps over the lazy dog."]
+NEW_TOKENS = 6
+FLOAT_AND_32_FORMATS = ["float32", "float16", "bfloat16", "q8_0", "q4_0", "q4_1"]
+K_FORMATS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q5_0, Q.Q5_1]
+
+
+class RecordingBatch(Batch):
+    """attendo's Batch, keeping the logits it chooses each sequence's next token from."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.logits: dict[int, list[torch.Tensor]] = {}
+
+    def _accept(self, sequence, logits):
+        self.logits.setdefault(id(sequence), []).append(logits.clone())
+        return super()._accept(sequence, logits)
+
+
+def target_logits(model: attendo.Model, way: str) -> list[torch.Tensor]:
+    """Each step's logits for TARGET (greedy), run one way: "alone", "batched" (with four others
+    added at once), "joined" (added after three steps of a running batch) or "chunked" (its
+    prompt prefilled three tokens at a time)."""
+    encode = model.tokenizer.encode
+    request = Request(encode(TARGET), SamplingSettings(), NEW_TOKENS)
+    others = [Request(encode(text), SamplingSettings(), NEW_TOKENS + 4) for text in OTHERS]
+    slots = {"alone": 1, "chunked": 1, "batched": 5, "joined": 3}[way]
+    fixed = model.decode_step is not None  # a compiled step: a fixed-shape cache of 64 positions
+    batch = RecordingBatch(
+        model.network, model.tokenizer, [], slots, 64, prefill_chunk=3 if way == "chunked" else 512,
+        decode_step=model.decode_step,
+    )  # fmt: skip
+    assert batch.cache.fixed_shapes == fixed
+    if way == "batched":
+        for other in others[:2]:
+            batch.add(other)
+    if way == "joined":
+        batch.add(others[0])
+        batch.add(others[1])
+        for _ in range(3):
+            batch.step()
+    target = batch.add(request)
+    if way == "batched":
+        for other in others[2:]:
+            batch.add(other)
+    while batch.busy:
+        batch.step()
+    return batch.logits[id(target)]
+
+
+def assert_same_bits(model: attendo.Model, ways=("batched", "joined", "chunked")) -> None:
+    alone = target_logits(model, "alone")
+    assert len(alone) == NEW_TOKENS
+    for way in ways:
+        got = target_logits(model, way)
+        differing = [step for step, (a, b) in enumerate(zip(alone, got)) if not torch.equal(a, b)]
+        assert not differing, f"{way}: logits differ from the sequence alone at steps {differing}"
+
+
+# every format on one architecture, every architecture in two formats
+CASES = [("llama-gqa", w) for w in FLOAT_AND_32_FORMATS] + [(k, w) for k in ("gpt2", "qwen2", "llama-tied") for w in ("float32", "q4_1")]
+
+
+@pytest.mark.parametrize("kind, weights", CASES)
+def test_alone_batched_joined_and_chunked_give_the_same_logits(tiny_model, kind, weights):
+    model = attendo.load(tiny_model(kind)[0], dtype=weights)
+    assert_same_bits(model)
+
+
+def _random_blocks(qtype: Q, rows: int, in_features: int, generator: np.random.Generator) -> torch.Tensor:
+    """Random blocks of a format, with small float16 scales so that products stay finite."""
+    values, size = GGML_QUANT_SIZES[qtype]
+    raw = generator.integers(0, 256, size=(rows * in_features // values, size), dtype=np.uint8)
+    scales = {Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+    for offset in scales[qtype]:
+        half = generator.uniform(-0.02, 0.02, raw.shape[0]).astype(np.float16)
+        raw[:, offset : offset + 2] = half.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory, hf_tokenizer):
+    """A tiny LLaMA whose matrices are a whole number of 256-value K-quant blocks wide."""
+    TINY_CONFIGS["llama-256"] = (
+        "llama",
+        {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2, "max_position_embeddings": 128,
+         "num_attention_heads": 4, "num_key_value_heads": 2},
+    )  # fmt: skip
+    directory = tmp_path_factory.mktemp("llama-256")
+    save_tiny_model(directory, "llama-256", hf_tokenizer)
+    del TINY_CONFIGS["llama-256"]
+    return directory
+
+
+@pytest.mark.parametrize("qtype", K_FORMATS, ids=lambda q: q.name)
+def test_k_quant_and_5_bit_weights_give_the_same_logits(wide_llama, qtype):
+    model = attendo.load(wide_llama)
+    generator = np.random.default_rng(int(qtype))
+    for block in model.network.blocks:
+        for parent, name in [(block.attn, "qkv"), (block.attn, "out"), (block.mlp, "up"), (block.mlp, "down")]:
+            layer = getattr(parent, name)
+            blocks = _random_blocks(qtype, layer.out_features, layer.in_features, generator)
+            setattr(parent, name, BlockLinear(blocks, qtype, layer.in_features))
+    assert_same_bits(model)
+
+
+@pytest.mark.slow  # compiling takes minutes on 2 cores
+def test_compiled_decoding_gives_the_same_logits_alone_and_batched(tiny_llama_dir):
+    model = attendo.load(tiny_llama_dir).speed_up("int8")
+    assert_same_bits(model, ways=("batched", "joined"))
+
+
+def test_the_avx2_and_plain_c_builds_are_batch_invariant_too():
+    """The library this machine does not build for itself: AVX2 only (other machines' CPUs) and
+    plain C (no vector instructions). Rows computed alone equal the same rows in a batch."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 256)
+    weights = {"q4_k": (_random_blocks(Q.Q4_K, 40, 256, np.random.default_rng(0)), int(Q.Q4_K)),
+               "float32": (torch.randn(40, 256), kernels.F32)}  # fmt: skip
+    q, k, v = torch.randn(1, 4, 9, 32), torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    native = kernels.library
+    for flags in (kernels.AVX2_ONLY, kernels.PORTABLE):
+        library = native(flags)
+        assert not isinstance(library, str), library
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kernels, "library", lambda *_, flags=flags: native(flags))
+            for weight, fmt in weights.values():
+                together = kernels.matmul(x, weight, fmt, 40)
+                assert all(torch.equal(kernels.matmul(x[i : i + 1], weight, fmt, 40), together[i : i + 1]) for i in range(9))
+            whole = kernels.attention(q, k, v, causal, 0.2)
+            last = kernels.attention(q[:, :, 8:], k, v, None, 0.2)
+            assert torch.equal(whole[:, :, 8:], last)
+
+
+# --- the bundled model ------------------------------------------------------------------------
+
+TOPICS = ["a red apple", "the moon", "a lighthouse", "bread", "a violin", "rain", "a chess game", "volcanoes"]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> attendo.Model:
+    return attendo.load("smollm2-135m-instruct")
+
+
+def chat_prompts(model: attendo.Model) -> list[str]:
+    return [model.chat_prompt([{"role": "user", "content": f"Write one sentence about {t}."}]) for t in TOPICS]
+
+
+@pytest.mark.slow
+def test_the_bundled_models_eight_chat_prompts_say_the_same_alone_and_batched(smollm2):
+    """The report that opened the issue: greedy, 24 tokens, the default load (the file's Q4_1 blocks)."""
+    prompts = chat_prompts(smollm2)
+    alone = [smollm2.generate(p, do_sample=False, max_new_tokens=24, logprobs=0) for p in prompts]
+    batched = smollm2.generate(prompts, do_sample=False, max_new_tokens=24, logprobs=0)
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert [[p.logprob for p in r.logprobs] for r in batched] == [[p.logprob for p in r.logprobs] for r in alone]
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+def _server_answers(server, name: str, prompts: list[str], concurrently: bool) -> list[tuple[str, list[float]]]:
+    client = server.client()
+
+    def ask(prompt: str) -> tuple[str, list[float]]:
+        reply = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=0, logprobs=True
+        )
+        choice = reply.choices[0]
+        return choice.message.content, [item.logprob for item in choice.logprobs.content]
+
+    if not concurrently:
+        return [ask(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(ask, prompts))
+
+
+def test_server_streams_sent_together_equal_the_same_sent_one_by_one(tiny_llama_dir):
+    from test_server import live
+
+    prompts = [f"{OTHERS[i % 4]} {i}" for i in range(12)]
+    for server in live({"tiny": attendo.load(tiny_llama_dir)}, max_batch=8, prefill_chunk=4):
+        alone = _server_answers(server, "tiny", prompts, concurrently=False)
+        together = _server_answers(server, "tiny", prompts, concurrently=True)
+    assert together == alone
+
+
+@pytest.mark.slow
+def test_smollm2_server_streams_sent_together_equal_the_same_sent_one_by_one(smollm2):
+    from test_server import live
+
+    prompts = [f"Write one sentence about {t}." for t in TOPICS + ["a river", "snow", "a clock", "tea"]]
+    for server in live({"smollm2": smollm2}):
+        alone = _server_answers(server, "smollm2", prompts, concurrently=False)
+        together = _server_answers(server, "smollm2", prompts, concurrently=True)
+    assert together == alone
