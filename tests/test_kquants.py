@@ -70,15 +70,38 @@ def reference_product(x: torch.Tensor, blocks: np.ndarray, qtype: Q) -> torch.Te
     return rounded.double() @ ggufs_weights(blocks, qtype, x.shape[-1]).double().T
 
 
+def as_laid_out(blocks: np.ndarray, qtype: Q, layout: str) -> tuple[torch.Tensor, bool]:
+    """The blocks as the kernels take them: in the file's layout, or packed 16 rows together."""
+    if layout == "file":
+        return torch.from_numpy(blocks), False
+    if not kernels.packs(int(qtype)):
+        pytest.skip(f"{qtype.name} has no packed layout in this build")
+    packed = kernels.pack(torch.from_numpy(blocks), int(qtype), blocks.shape[1] // GGML_QUANT_SIZES[qtype][1] * GGML_QUANT_SIZES[qtype][0])
+    return packed, True
+
+
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 @pytest.mark.parametrize("rows", [1, 3, 5, 17])
-def test_product_equals_the_rounded_reference(qtype, rows):
+@pytest.mark.parametrize("layout", ["file", "packed"])
+def test_product_equals_the_rounded_reference(qtype, rows, layout):
     rng = np.random.default_rng(rows)
-    blocks = random_blocks(qtype, 33, 768, rng)
+    blocks = random_blocks(qtype, 33, 768, rng)  # 33 rows: two whole panels of 16 and one row
     x = torch.from_numpy(rng.standard_normal((rows, 768), dtype=np.float32)) * 3
-    got = kernels.matmul(x, torch.from_numpy(blocks), int(qtype), 33)
+    weight, packed = as_laid_out(blocks, qtype, layout)
+    got = kernels.matmul(x, weight, int(qtype), 33, packed)
     expected = reference_product(x, blocks, qtype)
     assert ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-6
+    assert all(torch.equal(kernels.matmul(x[i : i + 1], weight, int(qtype), 33, packed), got[i : i + 1]) for i in range(rows))
+
+
+@pytest.mark.parametrize("qtype", [q for q in FORMATS if kernels.packs(int(q))], ids=lambda q: q.name)
+def test_packing_moves_bytes_and_back(qtype):
+    blocks = random_blocks(qtype, 37, 512, np.random.default_rng(5))
+    packed, _ = as_laid_out(blocks, qtype, "packed")
+    assert packed.numel() == 48 * blocks.shape[1]  # the same bytes, and zero rows up to 48
+    back = kernels.unpack_rows(packed, int(qtype), 512, torch.arange(37), blocks.shape[1])
+    assert np.array_equal(back.numpy(), blocks)
+    assert torch.equal(kernels.dequantize(packed, int(qtype), 512, packed=True, rows=37), ggufs_weights(blocks, qtype, 512))
 
 
 @pytest.mark.parametrize("flags", [kernels.AVX2_ONLY, kernels.PORTABLE], ids=["avx2", "plain-c"])
@@ -91,10 +114,12 @@ def test_other_builds_compute_the_same_products(flags):
         monkeypatch.setattr(kernels, "library", lambda *_: native(flags))
         assert kernels.unavailable_reason() is None
         for qtype in FORMATS:
-            blocks = random_blocks(qtype, 9, 512, rng)
-            got = kernels.matmul(x, torch.from_numpy(blocks), int(qtype), 9)
+            blocks = random_blocks(qtype, 19, 512, rng)
             expected = reference_product(x, blocks, qtype)
-            assert ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-6, qtype.name
+            for layout in ("file", "packed") if kernels.packs(int(qtype)) else ("file",):
+                weight, packed = as_laid_out(blocks, qtype, layout)
+                got = kernels.matmul(x, weight, int(qtype), 19, packed)
+                assert ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-6, (qtype.name, layout)
             assert torch.equal(kernels.dequantize(torch.from_numpy(blocks), int(qtype), 512), ggufs_weights(blocks, qtype, 512))
 
 
@@ -152,11 +177,14 @@ def test_a_mixed_k_quant_file_stays_in_its_blocks(mixed_gguf):
             parts = ours.parts if isinstance(ours, StackedLinear) else [ours]
             assert all(isinstance(p, BlockLinear) for p in parts), name
             assert torch.equal(torch.cat([p.dequantized() for p in parts]), layer.weight), name
-    # ...and take exactly the file's bytes for them.
+    # ...and take the file's bytes for them: the same bytes, packed 16 rows together, where a
+    # matrix whose rows are no multiple of 16 (the 282-token vocabulary) gets zero rows up to one.
     _, infos = read_header(mixed_gguf)
     file_bytes = sum(info.n_bytes for info in infos.values() if len(info.shape) == 2)
-    held = {id(m.blocks): m.blocks.nbytes for m in model.network.modules() if isinstance(m, BlockLinear)}
-    assert sum(held.values()) == file_bytes
+    layers = {id(m.blocks): m for m in model.network.modules() if isinstance(m, BlockLinear)}
+    padding = sum((-m.out_features % 16) * m.row_bytes for m in layers.values() if m.packed)
+    assert sum(m.blocks.nbytes for m in layers.values()) == file_bytes + padding
+    assert padding < 0.01 * file_bytes
 
 
 def test_a_mixed_k_quant_file_computes_the_reference_products(mixed_gguf):

@@ -43,10 +43,10 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _kernel_product(x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int) -> torch.Tensor:
+def _kernel_product(x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int, packed: bool = False) -> torch.Tensor:
     """x (..., in) · Wᵀ by the kernel, in x's dtype (the kernel works in float32)."""
     rows = x.shape[:-1].numel()
-    y = kernels.matmul(x.reshape(rows, -1).float(), weight, fmt, out_features)
+    y = kernels.matmul(x.reshape(rows, -1).float(), weight, fmt, out_features, packed)
     return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
@@ -85,8 +85,9 @@ class BlockLinear(nn.Module):
     """y = x Wᵀ + b with W in one of ggml's block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K...
     Q6_K), as a GGUF file stores it: every 32 (or 256) weights of a row share a float16 scale.
 
-    ``blocks`` holds the bytes, one row of W per row. attendo.kernels multiplies by them as they
-    are (reading each weight once as the bits it is), for any number of rows of x; where no C
+    ``blocks`` holds the bytes: one row of W per row, or for the common formats the same bytes
+    packed 16 rows together (see attendo.kernels.pack). attendo.kernels multiplies by them as
+    they are (reading each weight once as the bits it is), for any number of rows of x; where no C
     compiler built the kernels, the product is a float32 matrix multiply of the dequantized
     weights (which only Q8_0, Q4_0 and Q4_1 can do without the kernels: the loader keeps other
     formats as blocks only where the kernels exist).
@@ -94,21 +95,30 @@ class BlockLinear(nn.Module):
 
     def __init__(self, blocks: torch.Tensor, qtype: Q, in_features: int, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.register_buffer("blocks", blocks)
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
+        self.row_bytes = blocks.shape[1]
         self.bias = bias
         # Asked once here: the answer is a cached build or load, which torch.compile cannot trace.
         self.use_kernel = kernels.supports(int(qtype), in_features)
+        # The kernels' packed layout (16 rows interleaved, the same bytes) where they have one.
+        self.packed = self.use_kernel and kernels.packs(int(qtype))
+        self.register_buffer("blocks", kernels.pack(blocks, int(qtype), in_features) if self.packed else blocks)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, qtype: Q) -> BlockLinear:
         rows = [ggml_blocks.encode(chunk, qtype) for chunk in weight.split(_CHUNK_ROWS)]
         return cls(torch.cat(rows), qtype, weight.shape[1], bias)
 
+    def file_blocks(self) -> torch.Tensor:
+        """W's blocks in the file's layout (out, bytes per row), whatever layout they are kept in."""
+        if not self.packed:
+            return self.blocks
+        return kernels.unpack_rows(self.blocks, int(self.qtype), self.in_features, torch.arange(self.out_features), self.row_bytes)
+
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The dequantized rows W[index] (index.shape + (in,)): an embedding lookup."""
         if self.use_kernel and not torch.compiler.is_compiling():
-            values = kernels.dequantize(self.blocks, int(self.qtype), self.in_features, index)
+            values = kernels.dequantize(self.blocks, int(self.qtype), self.in_features, index, self.packed, self.out_features)
             return values.view(*index.shape, self.in_features)
         return ggml_blocks.decode(self.blocks[index].reshape(-1), self.qtype, (*index.shape, self.in_features))
 
@@ -117,7 +127,7 @@ class BlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel:
-            y = _kernel_product(x, self.blocks, int(self.qtype), self.out_features)
+            y = _kernel_product(x, self.blocks, int(self.qtype), self.out_features, self.packed)
         else:
             y = F.linear(x, self.dequantized().to(x.dtype))
         return y if self.bias is None else y + self.bias

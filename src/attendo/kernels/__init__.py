@@ -3,6 +3,9 @@
 - matmul.c: y = x·Wᵀ with W in float32/float16/bfloat16 or one of ggml's block formats (Q8_0,
   Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q2_K...Q6_K), multiplied as the bytes they are;
   and the dequantization of such rows (an embedding lookup, a reference).
+- packed.c: the common block formats rearranged ("packed", same size) so that one vector
+  instruction serves 16 output rows; pack() makes that layout, matmul(..., packed=True) uses it.
+- formats.c: the activations' rounding and every block format's layout, spelled out once.
 - attention.c: softmax(QKᵀ·scale + bias)V over the keys a mask allows.
 
 Both are batch-invariant: a row's result depends on that row's inputs alone, never on how many
@@ -35,8 +38,8 @@ from pathlib import Path
 import torch
 
 _DIRECTORY = Path(__file__).parent
-_SOURCES = [_DIRECTORY / "matmul.c", _DIRECTORY / "attention.c"]
-_HEADERS = [_DIRECTORY / "simd.h"]
+_SOURCES = [_DIRECTORY / name for name in ("formats.c", "matmul.c", "packed.c", "attention.c")]
+_HEADERS = [_DIRECTORY / "simd.h", _DIRECTORY / "formats.h"]
 # No contraction of a·b + c into one rounding: the dequantized weights equal torch's, bit for bit.
 _COMMON_FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 NATIVE = ("-march=native",)
@@ -106,16 +109,20 @@ def library(flags: tuple[str, ...] = NATIVE) -> ctypes.CDLL | str:
         loaded = ctypes.CDLL(str(target))
     except OSError as error:
         return f"cannot load {target} ({error}); delete it to rebuild"
-    c_int, c_ptr, c_float = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    c_int, c_ptr, c_float, c_long = ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_long
     signatures = {
-        "attendo_supports": [c_int, c_int],
-        "attendo_matmul": [c_int, c_ptr, c_int, c_int, c_ptr, c_int, c_ptr, c_int],
-        "attendo_dequantize": [c_int, c_ptr, c_int, c_ptr, c_int, c_ptr, c_int],
-        "attendo_attention": [c_ptr] * 10 + [c_int] * 6 + [c_float, c_ptr, c_int],
+        "attendo_supports": (c_int, [c_int, c_int]),
+        "attendo_packs": (c_int, [c_int]),
+        "attendo_packed_bytes": (c_long, [c_int, c_int, c_int]),
+        "attendo_pack": (c_int, [c_int, c_ptr, c_int, c_int, c_ptr, c_int]),
+        "attendo_unpack_rows": (c_int, [c_int, c_ptr, c_int, c_ptr, c_int, c_ptr]),
+        "attendo_matmul": (c_int, [c_int, c_ptr, c_int, c_int, c_int, c_ptr, c_int, c_ptr, c_int, c_int]),
+        "attendo_dequantize": (c_int, [c_int, c_ptr, c_int, c_int, c_ptr, c_int, c_ptr, c_int]),
+        "attendo_attention": (c_int, [c_ptr] * 10 + [c_int] * 6 + [c_float, c_ptr, c_int]),
     }
-    for name, arguments in signatures.items():
+    for name, (result, arguments) in signatures.items():
         function = getattr(loaded, name)
-        function.restype, function.argtypes = c_int, arguments
+        function.restype, function.argtypes = result, arguments
     return loaded
 
 
@@ -150,37 +157,72 @@ def supports(fmt: int, in_features: int) -> bool:
     return available() and bool(_loaded().attendo_supports(fmt, in_features))
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int) -> torch.Tensor:
-    """x (rows, in) float32 · Wᵀ → (rows, out_features). weight: float (out, in) or ggml blocks
-    (out, bytes per row) in format fmt (see weight_format). Needs available().
+def packs(fmt: int) -> bool:
+    """Whether the kernels have a packed layout for format fmt (see pack)."""
+    return available() and bool(_loaded().attendo_packs(fmt))
+
+
+def pack(blocks: torch.Tensor, fmt: int, in_features: int) -> torch.Tensor:
+    """Block rows (out, bytes per row) in the file's layout → the packed layout matmul(...,
+    packed=True) multiplies by fastest: the same bytes, 16 rows interleaved (1-D, uint8)."""
+    blocks = blocks.contiguous()
+    library = _loaded()
+    packed = torch.empty(library.attendo_packed_bytes(fmt, blocks.shape[0], in_features), dtype=torch.uint8)
+    if library.attendo_pack(fmt, blocks.data_ptr(), blocks.shape[0], in_features, packed.data_ptr(), torch.get_num_threads()):
+        raise ValueError(f"format {fmt} with rows of {in_features} cannot be packed")
+    return packed
+
+
+def unpack_rows(packed: torch.Tensor, fmt: int, in_features: int, index: torch.Tensor, row_bytes: int) -> torch.Tensor:
+    """Rows index of a packed matrix in the file's layout (len(index), row_bytes)."""
+    index = index.reshape(-1).to(torch.int64).contiguous()
+    rows = torch.empty(index.numel(), row_bytes, dtype=torch.uint8)
+    if _loaded().attendo_unpack_rows(fmt, packed.data_ptr(), in_features, index.data_ptr(), index.numel(), rows.data_ptr()):
+        raise ValueError(f"format {fmt} is not packed")
+    return rows
+
+
+def matmul(
+    x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int, packed: bool = False
+) -> torch.Tensor:
+    """x (rows, in) float32 · Wᵀ → (rows, out_features). weight: float (out, in), ggml blocks
+    (out, bytes per row) in format fmt (see weight_format), or (packed) what pack() made of them.
+    Needs available().
 
     Eager callers reach the C function straight through ctypes; a compiled graph calls the
     registered operator (which costs a few microseconds more per call)."""
     if torch.compiler.is_compiling():
-        return torch.ops.attendo.matmul(x, weight, fmt, out_features)
-    return _matmul(x, weight, fmt, out_features)
+        return torch.ops.attendo.matmul(x, weight, fmt, out_features, packed)
+    return _matmul(x, weight, fmt, out_features, packed)
 
 
-def _matmul(x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int) -> torch.Tensor:
+def _matmul(x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int, packed: bool) -> torch.Tensor:
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out_features)
     status = _loaded().attendo_matmul(
-        fmt, weight.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()
-    )
+        fmt, weight.data_ptr(), packed, out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(), out_features,
+        torch.get_num_threads(),
+    )  # fmt: skip
     if status != 0:
         raise RuntimeError(f"the kernels cannot multiply by format {fmt} with rows of {x.shape[1]}")
     return y
 
 
-def dequantize(weight: torch.Tensor, fmt: int, in_features: int, index: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows index (all when None) of W as float32 (len(index), in_features). Needs available()."""
+def dequantize(
+    weight: torch.Tensor, fmt: int, in_features: int, index: torch.Tensor | None = None, packed: bool = False, rows: int | None = None
+) -> torch.Tensor:
+    """Rows index (all rows when None) of W as float32 (len(index), in_features); rows: how many
+    W has (needed when packed). Needs available()."""
+    count = weight.shape[0] if rows is None else rows
     if index is None:
-        index = torch.arange(weight.shape[0])
+        index = torch.arange(count)
     index = index.reshape(-1).to(torch.int64).contiguous()
-    if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < weight.shape[0]:
-        raise IndexError(f"row index out of range for a table of {weight.shape[0]} rows")
+    if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < count:
+        raise IndexError(f"row index out of range for a table of {count} rows")
     values = torch.empty(index.numel(), in_features)
-    if _loaded().attendo_dequantize(fmt, weight.data_ptr(), in_features, index.data_ptr(), index.numel(), values.data_ptr(), torch.get_num_threads()):
+    if _loaded().attendo_dequantize(
+        fmt, weight.data_ptr(), packed, in_features, index.data_ptr(), index.numel(), values.data_ptr(), torch.get_num_threads()
+    ):  # fmt: skip
         raise RuntimeError(f"the kernels cannot dequantize format {fmt} with rows of {in_features}")
     return values
 
@@ -231,14 +273,14 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 
 # Plain operators (not torch.library.custom_op, whose Python wrappers cost 30 µs per call).
 _OPERATORS = torch.library.Library("attendo", "DEF")
-_OPERATORS.define("matmul(Tensor x, Tensor weight, int fmt, int out_features) -> Tensor")
+_OPERATORS.define("matmul(Tensor x, Tensor weight, int fmt, int out_features, bool packed) -> Tensor")
 _OPERATORS.impl("matmul", _matmul, "CPU")
 _OPERATORS.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
 _OPERATORS.impl("attention", _attention, "CPU")
 
 
 @torch.library.register_fake("attendo::matmul", lib=_OPERATORS)
-def _(x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, fmt: int, out_features: int, packed: bool) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
 
 

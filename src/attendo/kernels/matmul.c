@@ -29,228 +29,7 @@
 
 #include <omp.h>
 
-#include "simd.h"
-
-/* ggml's type numbers */
-enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
-       Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };  // clang-format off
-enum { QK = 32, QK_K = 256 };
-
-/* Activations rounded for the 32-wide formats: x ≈ d·q. */
-typedef struct {
-    float d;
-    float sum; /* d·Σq: what a block's constant term (m, or -8d / -16d) multiplies */
-    int8_t q[QK];
-} XBlock;
-
-/* Activations rounded for the K-quants: one scale per 256, and the sum of every 16 codes. */
-typedef struct {
-    float d;
-    int16_t sums[QK_K / 16];
-    int8_t q[QK_K];
-} XSuper;
-
-static int is_k_quant(int format) { return format >= Q2_K && format <= Q6_K; }
-
-static int block_values(int format) {
-    if (format == F32 || format == F16 || format == BF16) return 1;
-    return is_k_quant(format) ? QK_K : QK;
-}
-
-static int block_bytes(int format) {
-    switch (format) {
-    case F32: return 4;
-    case F16: case BF16: return 2;
-    case Q4_0: return 18;
-    case Q4_1: return 20;
-    case Q5_0: return 22;
-    case Q5_1: return 24;
-    case Q8_0: return 34;
-    case Q2_K: return 84;
-    case Q3_K: return 110;
-    case Q4_K: return 144;
-    case Q5_K: return 176;
-    case Q6_K: return 210;
-    default: return 0;
-    }
-}
-
-/* ---- rounding the activations ------------------------------------------------------------ */
-
-static void quantize_row_32(const float *x, int blocks, XBlock *out) {
-    for (int b = 0; b < blocks; b++, x += QK) {
-        float amax = 0.0f;
-        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
-        const float d = amax / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
-        int total = 0;
-        for (int i = 0; i < QK; i++) {
-            out[b].q[i] = (int8_t)lrintf(x[i] * inverse);
-            total += out[b].q[i];
-        }
-        out[b].d = d;
-        out[b].sum = d * (float)total;
-    }
-}
-
-/* As llama.cpp's Q8_K: the value of largest magnitude becomes -127 or 127 exactly. */
-static void quantize_row_256(const float *x, int blocks, XSuper *out) {
-    for (int b = 0; b < blocks; b++, x += QK_K) {
-        float amax = 0.0f, extreme = 0.0f;
-        for (int i = 0; i < QK_K; i++) {
-            if (fabsf(x[i]) > amax) {
-                amax = fabsf(x[i]);
-                extreme = x[i];
-            }
-        }
-        if (amax == 0.0f) {
-            memset(&out[b], 0, sizeof out[b]);
-            continue;
-        }
-        const float inverse = -127.0f / extreme;
-        for (int i = 0; i < QK_K; i++) {
-            long v = lrintf(inverse * x[i]);
-            out[b].q[i] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
-        }
-        for (int s = 0; s < QK_K / 16; s++) {
-            int total = 0;
-            for (int i = 0; i < 16; i++) total += out[b].q[16 * s + i];
-            out[b].sums[s] = (int16_t)total;
-        }
-        out[b].d = 1.0f / inverse;
-    }
-}
-
-/* ---- one block as integers: the reference layout of every format ---------------------------
-   unpack() writes a block's codes q (already offset, so w = d·scale·q - dmin·min), the integer
-   scale and minimum of each sub-block of 16, and d, dmin. The scalar product and the
-   dequantization are written on it, so each format's layout is spelled out once, here; the
-   vector code below reads the same bytes in registers and is tested against this. */
-
-typedef struct {
-    float d, dmin;
-    int8_t q[QK_K];
-    int scale[QK_K / 16], min[QK_K / 16];
-} Unpacked;
-
-static void unpack_k_scales(const uint8_t *s, int *scale, int *min) {
-    /* Q4_K/Q5_K: eight 6-bit scales and minimums in 12 bytes; each covers 32 values */
-    for (int j = 0; j < 8; j++) {
-        int sc, m;
-        if (j < 4) {
-            sc = s[j] & 63;
-            m = s[j + 4] & 63;
-        } else {
-            sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
-            m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-        }
-        scale[2 * j] = scale[2 * j + 1] = sc;
-        min[2 * j] = min[2 * j + 1] = m;
-    }
-}
-
-static void unpack(int format, const uint8_t *w, Unpacked *u) {
-    u->dmin = 0.0f;
-    for (int s = 0; s < QK_K / 16; s++) {
-        u->scale[s] = 1;
-        u->min[s] = 0;
-    }
-    switch (format) {
-    case Q8_0:
-        u->d = load_half(w);
-        memcpy(u->q, w + 2, QK);
-        break;
-    case Q4_0: case Q4_1: case Q5_0: case Q5_1: {
-        const int has_min = format == Q4_1 || format == Q5_1, five = format == Q5_0 || format == Q5_1;
-        const uint8_t *packed = w + 2 + 2 * has_min + 4 * five;
-        uint32_t high = 0;
-        if (five) memcpy(&high, w + 2 + 2 * has_min, 4);
-        const int offset = has_min ? 0 : (five ? 16 : 8);
-        for (int i = 0; i < QK / 2; i++) {
-            u->q[i] = (int8_t)((packed[i] & 0x0F) + (five ? ((high >> i) & 1) << 4 : 0) - offset);
-            u->q[i + 16] = (int8_t)((packed[i] >> 4) + (five ? ((high >> (i + 16)) & 1) << 4 : 0) - offset);
-        }
-        u->d = load_half(w);
-        if (has_min) { /* w = d·q + m, as d·q - dmin·1 with dmin = -m */
-            u->dmin = -load_half(w + 2);
-            u->min[0] = u->min[1] = 1;
-        }
-        break;
-    }
-    case Q4_K: case Q5_K: {
-        u->d = load_half(w);
-        u->dmin = load_half(w + 2);
-        unpack_k_scales(w + 4, u->scale, u->min);
-        const uint8_t *high = w + 16, *packed = w + 16 + (format == Q5_K ? 32 : 0);
-        for (int chunk = 0; chunk < 4; chunk++)
-            for (int l = 0; l < 32; l++) {
-                const uint8_t byte = packed[32 * chunk + l];
-                int low = byte & 0x0F, upper = byte >> 4;
-                if (format == Q5_K) {
-                    low |= ((high[l] >> (2 * chunk)) & 1) << 4;
-                    upper |= ((high[l] >> (2 * chunk + 1)) & 1) << 4;
-                }
-                u->q[64 * chunk + l] = (int8_t)low;
-                u->q[64 * chunk + 32 + l] = (int8_t)upper;
-            }
-        break;
-    }
-    case Q6_K: {
-        const uint8_t *low = w, *high = w + 128;
-        const int8_t *scales = (const int8_t *)(w + 192);
-        u->d = load_half(w + 208);
-        for (int s = 0; s < 16; s++) u->scale[s] = scales[s];
-        for (int half = 0; half < 2; half++)
-            for (int l = 0; l < 32; l++) {
-                const uint8_t h = high[32 * half + l], a = low[64 * half + l], b = low[64 * half + 32 + l];
-                int8_t *q = u->q + 128 * half + l;
-                q[0] = (int8_t)(((a & 0x0F) | ((h & 3) << 4)) - 32);
-                q[32] = (int8_t)(((b & 0x0F) | (((h >> 2) & 3) << 4)) - 32);
-                q[64] = (int8_t)(((a >> 4) | (((h >> 4) & 3) << 4)) - 32);
-                q[96] = (int8_t)(((b >> 4) | (((h >> 6) & 3) << 4)) - 32);
-            }
-        break;
-    }
-    case Q2_K: {
-        const uint8_t *scales = w, *packed = w + 16;
-        u->d = load_half(w + 80);
-        u->dmin = load_half(w + 82);
-        for (int s = 0; s < 16; s++) {
-            u->scale[s] = scales[s] & 0x0F;
-            u->min[s] = scales[s] >> 4;
-        }
-        for (int half = 0; half < 2; half++)
-            for (int shift = 0; shift < 4; shift++)
-                for (int l = 0; l < 32; l++) u->q[128 * half + 32 * shift + l] = (int8_t)((packed[32 * half + l] >> (2 * shift)) & 3);
-        break;
-    }
-    case Q3_K: {
-        const uint8_t *mask = w, *packed = w + 32, *s = w + 96;
-        u->d = load_half(w + 108);
-        for (int i = 0; i < 16; i++) {
-            const int low = (i < 8 ? s[i] : s[i - 8] >> 4) & 0x0F, high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
-            u->scale[i] = (low | (high << 4)) - 32;
-        }
-        for (int half = 0; half < 2; half++)
-            for (int shift = 0; shift < 4; shift++)
-                for (int l = 0; l < 32; l++) {
-                    const int code = (packed[32 * half + l] >> (2 * shift)) & 3;
-                    const int set = (mask[l] >> (4 * half + shift)) & 1;
-                    u->q[128 * half + 32 * shift + l] = (int8_t)(code - (set ? 0 : 4));
-                }
-        break;
-    }
-    }
-}
-
-static float float_value(int format, const uint8_t *w, int i) {
-    if (format == F32) {
-        float v;
-        memcpy(&v, w + 4 * (size_t)i, sizeof v);
-        return v;
-    }
-    const uint16_t h = load_u16(w + 2 * (size_t)i);
-    return format == F16 ? half_to_float(h) : bf16_to_float(h);
-}
+#include "formats.h"
 
 /* ---- the product of one row of W with a tile of rows of x ---------------------------------- */
 
@@ -269,16 +48,6 @@ ALWAYS_INLINE __m256i nibbles_low_high(const uint8_t *packed) {
     __m128i low = _mm_loadu_si128((const __m128i *)packed);
     __m256i both = _mm256_set_m128i(_mm_srli_epi16(low, 4), low);
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
-
-ALWAYS_INLINE __m256i bits_to_bytes(uint32_t bits, uint8_t set) {
-    /* bit i of bits → byte i: `set` where the bit is 1, else 0 */
-    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
-                                               _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
-                                                                 0x0101010101010101, 0x0000000000000000));
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    const __m256i on = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-    return _mm256_and_si256(on, _mm256_set1_epi8((char)set));
 }
 
 /* The 32-wide formats: acc[r] += d·dx · (Σ over lanes of q·qx), offsets[r] += (constant term). */
@@ -504,7 +273,7 @@ ALWAYS_INLINE void dot_tile(int format, int rows, const uint8_t *w, int in, cons
    every tile of rows passes over them. */
 enum { COLUMN_GROUP = 16 };
 
-ALWAYS_INLINE void matmul_columns(int format, const uint8_t *w, int first, int last, int out, int in, const Rows *x,
+ALWAYS_INLINE void matmul_columns(int format, const uint8_t *w, int first, int last, int ldy, int in, const Rows *x,
                                   int rows, float *y) {
     const size_t row_bytes = (size_t)in / block_values(format) * block_bytes(format);
     for (int group = first; group < last; group += COLUMN_GROUP) {
@@ -512,19 +281,19 @@ ALWAYS_INLINE void matmul_columns(int format, const uint8_t *w, int first, int l
         int r = 0;
         for (; r + TILE <= rows; r += TILE) {
             const Rows tile = {(const char *)x->x + r * x->row_stride, x->row_stride};
-            for (int o = group; o < end; o++) dot_tile(format, TILE, w + o * row_bytes, in, &tile, y + (size_t)r * out + o, out);
+            for (int o = group; o < end; o++) dot_tile(format, TILE, w + o * row_bytes, in, &tile, y + (size_t)r * ldy + o, ldy);
         }
         for (; r < rows; r++) {
             const Rows one = {(const char *)x->x + r * x->row_stride, x->row_stride};
-            for (int o = group; o < end; o++) dot_tile(format, 1, w + o * row_bytes, in, &one, y + (size_t)r * out + o, out);
+            for (int o = group; o < end; o++) dot_tile(format, 1, w + o * row_bytes, in, &one, y + (size_t)r * ldy + o, ldy);
         }
     }
 }
 
 /* One copy of the loops per format, so that none of them branches on it. */
 #define FORMAT_LOOP(name, format)                                                                                     \
-    static void name(const uint8_t *w, int first, int last, int out, int in, const Rows *x, int rows, float *y) {     \
-        matmul_columns(format, w, first, last, out, in, x, rows, y);                                                 \
+    static void name(const uint8_t *w, int first, int last, int ldy, int in, const Rows *x, int rows, float *y) {     \
+        matmul_columns(format, w, first, last, ldy, in, x, rows, y);                                                 \
     }
 FORMAT_LOOP(matmul_f32, F32)
 FORMAT_LOOP(matmul_f16, F16)
@@ -563,63 +332,104 @@ static MatmulLoop matmul_loop(int format) {
 
 /* ---- entry points ------------------------------------------------------------------------ */
 
+int packed_format(int format);
+void packed_matmul(int format, const uint8_t *packed, int out, int in, const void *x, size_t x_stride, int rows,
+                   float *y, size_t ldy);
+int attendo_unpack_rows(int format, const uint8_t *packed, int in, const int64_t *index, int n, uint8_t *rows);
+
 /* Whether this library multiplies by `format`, for rows of `in` values: 1 or 0. */
 int attendo_supports(int format, int in) {
     return matmul_loop(format) != NULL && in > 0 && in % block_values(format) == 0;
 }
 
-/* y (rows x out) = x (rows x in) · Wᵀ, W (out x in) stored in `format`.
-   Returns 0, or -1 when the format is unknown or does not fit `in`, or memory runs out. */
-int attendo_matmul(int format, const uint8_t *w, int out, int in, const float *x, int rows, float *y, int threads) {
+/* Whether it multiplies by `format` in the packed layout (packed.c), which is faster: 1 or 0. */
+int attendo_packs(int format) { return packed_format(format); }
+
+/* Bytes of x rounded for `format`, per row of `in` values (0 for the float formats). */
+static size_t rounded_row_bytes(int format, int in) {
+    if (block_values(format) == 1) return 0;
+    return block_values(format) == QK ? sizeof(XBlock) * (in / QK) : sizeof(XSuper) * (in / QK_K);
+}
+
+/* x rounded for `format`, rows shared among the threads of the enclosing parallel region. */
+static void round_rows(int format, const float *x, int in, int rows, void *rounded) {
+    const size_t row_bytes = rounded_row_bytes(format, in);
+#pragma omp for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        char *target = (char *)rounded + r * row_bytes;
+        if (block_values(format) == QK) quantize_row_32(x + (size_t)r * in, in / QK, (XBlock *)target);
+        else quantize_row_256(x + (size_t)r * in, in / QK_K, (XSuper *)target);
+    }
+}
+
+/* y (rows x out, rows ldy apart) = x (rows x in) · Wᵀ, W (out x in) stored in `format`, in the
+   file's layout or (packed = 1) as attendo_pack made it. Returns 0, or -1 when the format is
+   unknown or does not fit `in`, or memory runs out. */
+int attendo_matmul(int format, const uint8_t *w, int packed, int out, int in, const float *x, int rows, float *y,
+                   int ldy, int threads) {
     const MatmulLoop loop = matmul_loop(format);
-    if (loop == NULL || !attendo_supports(format, in)) return -1;
-    void *rounded = NULL;
-    Rows xr = {x, (size_t)in * sizeof(float)};
-    if (block_values(format) > 1) {
-        const int values = block_values(format), blocks = in / values;
-        const size_t row_stride = values == QK ? sizeof(XBlock) * blocks : sizeof(XSuper) * blocks;
-        rounded = malloc(row_stride * rows);
-        if (rounded == NULL) return -1;
-        /* A few rows (decoding) are rounded here, so the threads meet only once, at the end. */
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows > TILE)
+    if (loop == NULL || !attendo_supports(format, in) || (packed && !packed_format(format))) return -1;
+    const size_t row_bytes = rounded_row_bytes(format, in);
+    void *rounded = row_bytes ? malloc(row_bytes * rows) : NULL;
+    if (row_bytes && rounded == NULL) return -1;
+    const Rows xr = row_bytes ? (Rows){rounded, row_bytes} : (Rows){x, (size_t)in * sizeof(float)};
+    /* A few rows (decoding) are rounded by one thread, so the threads meet only once, at the end. */
+    if (row_bytes && rows <= TILE) {
         for (int r = 0; r < rows; r++) {
-            char *target = (char *)rounded + r * row_stride;
-            if (values == QK) quantize_row_32(x + (size_t)r * in, blocks, (XBlock *)target);
-            else quantize_row_256(x + (size_t)r * in, blocks, (XSuper *)target);
+            char *target = (char *)rounded + r * row_bytes;
+            if (block_values(format) == QK) quantize_row_32(x + (size_t)r * in, in / QK, (XBlock *)target);
+            else quantize_row_256(x + (size_t)r * in, in / QK_K, (XSuper *)target);
         }
-        xr = (Rows){rounded, row_stride};
     }
 #pragma omp parallel num_threads(threads)
     {
-        /* each thread takes one run of output columns */
-        const int team = omp_get_num_threads(), share = (out + team - 1) / team;
-        const int first = omp_get_thread_num() * share, last = first + share < out ? first + share : out;
-        if (first < last) loop(w, first, last, out, in, &xr, rows, y);
+        if (row_bytes && rows > TILE) round_rows(format, x, in, rows, rounded); /* ends with a barrier */
+        if (packed) {
+            packed_matmul(format, w, out, in, xr.x, xr.row_stride, rows, y, ldy);
+        } else {
+            /* each thread takes one run of output columns */
+            const int team = omp_get_num_threads(), share = (out + team - 1) / team;
+            const int first = omp_get_thread_num() * share, last = first + share < out ? first + share : out;
+            if (first < last) loop(w, first, last, ldy, in, &xr, rows, y);
+        }
     }
     free(rounded);
     return 0;
 }
 
 /* out (n x in) = rows index[0..n) of W as float32: a dequantized matrix, or an embedding lookup.
-   Returns 0, or -1 when the format is unknown. */
-int attendo_dequantize(int format, const uint8_t *w, int in, const int64_t *index, int n, float *out, int threads) {
-    if (!attendo_supports(format, in)) return -1;
+   Returns 0, or -1 when the format is unknown or memory runs out. */
+int attendo_dequantize(int format, const uint8_t *w, int packed, int in, const int64_t *index, int n, float *out,
+                       int threads) {
+    if (!attendo_supports(format, in) || (packed && !packed_format(format))) return -1;
     const int values = block_values(format), stride = block_bytes(format);
     const size_t row_bytes = (size_t)in / values * stride;
+    int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) if (n > 16)
     for (int i = 0; i < n; i++) {
         const uint8_t *row = w + index[i] * row_bytes;
+        uint8_t *unpacked = NULL;
+        if (packed) { /* back to the file's layout first */
+            unpacked = malloc(row_bytes);
+            if (unpacked == NULL) {
+                failed = 1;
+                continue;
+            }
+            attendo_unpack_rows(format, w, in, index + i, 1, unpacked);
+            row = unpacked;
+        }
         float *target = out + (size_t)i * in;
         if (values == 1) {
             for (int j = 0; j < in; j++) target[j] = float_value(format, row, j);
-            continue;
+        } else {
+            Unpacked u;
+            for (int b = 0; b < in / values; b++, row += stride, target += values) {
+                unpack(format, row, &u);
+                for (int j = 0; j < values; j++)
+                    target[j] = u.d * (float)u.scale[j / 16] * (float)u.q[j] - u.dmin * (float)u.min[j / 16];
+            }
         }
-        Unpacked u;
-        for (int b = 0; b < in / values; b++, row += stride, target += values) {
-            unpack(format, row, &u);
-            for (int j = 0; j < values; j++)
-                target[j] = u.d * (float)u.scale[j / 16] * (float)u.q[j] - u.dmin * (float)u.min[j / 16];
-        }
+        free(unpacked);
     }
-    return 0;
+    return failed ? -1 : 0;
 }
