@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from gguf import GGMLQuantizationType as Q
 
+from attendo import fused
 from attendo.optimize import BlockLinear
 
 
@@ -63,7 +64,7 @@ def products_checked() -> Iterator[list[bool]]:
         agreed.append(bool((y - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-6))
         return y
 
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, fused.disabled():  # every product through forward
         patch.setattr(BlockLinear, "forward", checked)
         yield agreed
 
@@ -71,7 +72,7 @@ def products_checked() -> Iterator[list[bool]]:
 @contextmanager
 def reference_products() -> Iterator[None]:
     """While open, every BlockLinear computes reference_forward instead of its own product."""
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, fused.disabled():
         patch.setattr(BlockLinear, "forward", reference_forward)
         yield
 

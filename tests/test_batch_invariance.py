@@ -21,7 +21,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 import attendo
-from attendo import kernels
+from attendo import fused, kernels
 from attendo.generation.loop import Batch, Request
 from attendo.generation.sampler import SamplingSettings
 from attendo.optimize import BlockLinear
@@ -96,7 +96,19 @@ CASES = [("llama-gqa", w) for w in FLOAT_AND_32_FORMATS] + [(k, w) for k in ("gp
 @pytest.mark.parametrize("kind, weights", CASES)
 def test_alone_batched_joined_and_chunked_give_the_same_logits(tiny_model, kind, weights):
     model = attendo.load(tiny_model(kind)[0], dtype=weights)
+    if weights in ("float16", "bfloat16"):
+        assert fused.unfusable(model.network) is not None  # 16-bit activations: the modules' path
+    else:
+        assert fused.unfusable(model.network) is None
     assert_same_bits(model)
+
+
+@pytest.mark.parametrize("kind, weights", [("llama-gqa", "float32"), ("llama-gqa", "q4_1"), ("gpt2", "q8_0"), ("qwen2", "q4_0")])
+def test_the_modules_path_is_batch_invariant_too(tiny_model, kind, weights):
+    """The blocks run as the Python modules do (what attention maps and training use)."""
+    model = attendo.load(tiny_model(kind)[0], dtype=weights)
+    with fused.disabled():
+        assert_same_bits(model)
 
 
 def _random_blocks(qtype: Q, rows: int, in_features: int, generator: np.random.Generator) -> torch.Tensor:
@@ -138,8 +150,16 @@ def test_k_quant_and_5_bit_weights_give_the_same_logits(wide_llama, qtype):
 
 @pytest.mark.slow  # compiling takes minutes on 2 cores
 def test_compiled_decoding_gives_the_same_logits_alone_and_batched(tiny_llama_dir):
-    model = attendo.load(tiny_llama_dir).speed_up("int8")
+    """Networks the fused blocks cannot run (here: float16 activations) compile their decode step."""
+    model = attendo.load(tiny_llama_dir, dtype="float16").speed_up("float32")
+    assert model.decode_step is not None
     assert_same_bits(model, ways=("batched", "joined"))
+
+
+def test_fast_path_runs_the_fused_blocks_without_compiling(tiny_llama_dir):
+    model = attendo.load(tiny_llama_dir).speed_up("int8")
+    assert model.decode_step is None and fused.unfusable(model.network) is None
+    assert_same_bits(model)
 
 
 def test_the_avx2_and_plain_c_builds_are_batch_invariant_too():

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 import attendo
-from attendo import kernels, optimize
+from attendo import fused, kernels, optimize
 from attendo.inspect.summary import describe
 from attendo.optimize import BlockEmbedding, BlockLinear, HalfLinear, half_weights, quantize_weights
 from attendo.weights import ggml_blocks
@@ -184,3 +184,74 @@ def test_loading_quantized_equals_quantizing_after_loading(tiny_model, kind, wei
     assert torch.equal(loaded.logits(ids), converted.logits(ids))
     assert describe(loaded)["parameters"] == describe(converted)["parameters"]
     assert f"tensors {optimize.QUANTIZED_FORMATS[weights].name.lower()}" in describe(loaded)["weights in memory"]
+
+
+# --- the fused blocks (attendo.fused) ---------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2", "gpt2", "llama-tied"])
+def test_fused_blocks_compute_what_the_modules_compute(tiny_model, kind):
+    model = attendo.load(tiny_model(kind)[0])
+    assert fused.unfusable(model.network) is None
+    ids = [model.tokenizer.encode(p) for p in PROMPTS[1:]]
+    ids = [row[: min(map(len, ids))] for row in ids]
+    got = model.logits(ids)
+    with fused.disabled():
+        expected = model.logits(ids)
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+    # and decoding step by step through a KV cache gives the tokens the modules give
+    with fused.disabled():
+        reference = model.generate(PROMPTS, max_new_tokens=8, do_sample=False)
+    assert [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=8, do_sample=False)] == [r.token_ids for r in reference]
+
+
+@needs_kernel
+def test_fused_alibi_blocks_compute_what_the_modules_compute():
+    model = attendo.build("bloom-560m", n_layers=2, dim=64, n_heads=4, ffn_dim=128, vocab_size=300)
+    assert fused.unfusable(model.network) is None
+    ids = torch.randint(0, 300, (2, 11))
+    got = model.logits(ids)
+    with fused.disabled():
+        expected = model.logits(ids)
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
+class _Adapter(torch.nn.Module):
+    """A stand-in for what a fine-tuning library wraps a projection in: base(x) + a small change."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base, self.in_features, self.out_features = base, base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + 0.5
+
+
+@needs_kernel
+def test_replaced_modules_are_planned_again_or_run_as_modules(tiny_llama_dir):
+    model = attendo.load(tiny_llama_dir)
+    ids = [model.tokenizer.encode(PROMPTS[2])]
+    quantize_weights(model.network, Q.Q8_0)  # after loading: the plan must read the new blocks
+    quantized = model.logits(ids)
+    with fused.disabled():
+        assert (quantized - model.logits(ids)).abs().max() < 0.02 * quantized.abs().max()
+    block = model.network.blocks[1]
+    block.mlp.down = _Adapter(block.mlp.down)
+    assert "_Adapter" in fused.unfusable(model.network)
+    adapted = model.logits(ids)
+    with fused.disabled():
+        assert torch.equal(adapted, model.logits(ids))  # the modules ran, adapter included
+    assert not torch.equal(adapted, quantized)
+
+
+@needs_kernel
+def test_attention_maps_and_gradients_take_the_modules_path(tiny_llama_dir):
+    model = attendo.load(tiny_llama_dir)
+    ids = [model.tokenizer.encode(PROMPTS[0])]
+    maps = model.attention_maps(ids)
+    assert maps.shape[:2] == (model.config.n_layers, 1)
+    model.network.blocks[0].attn.out.weight.requires_grad_(True)
+    loss = model.network(torch.tensor(ids)).sum()
+    loss.backward()
+    assert model.network.blocks[0].attn.out.weight.grad is not None

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from attendo import optimize
+from attendo import fused, optimize
 from attendo.errors import UnsupportedModelError
 from attendo.model import Model
 from attendo.model_encoder import EncoderModel
@@ -17,7 +17,7 @@ from attendo.weights.sentence_transformers import read_pooling
 
 
 def make_model(network: nn.Module, tokenizer: TextTokenizer, generation_defaults: dict[str, Any], source: Path) -> Model:
-    optimize.use_kernels(network)  # batch-invariant products (see attendo.optimize)
+    fused.fuse_blocks(optimize.use_kernels(network))  # batch-invariant kernels, the blocks in one C call
     family = network.config.family
     if family == "encoder":
         try:

@@ -10,7 +10,7 @@ from typing import Any, overload
 import torch
 from torch import nn
 
-from attendo import optimize
+from attendo import fused, optimize
 from attendo.config import ModelConfig
 from attendo.errors import InvalidSettingError, UnsupportedModelError
 from attendo.generation.beam import BeamSettings, decoder_beam_search, split_beam_settings
@@ -35,9 +35,10 @@ class Model:
     def speed_up(self, weights: str = "int8", compile: bool = True) -> Model:
         """Faster decoding (see attendo.optimize): float32 matrices stored as "int8" or "int4"
         (weight-only quantization; also by ggml's names q8_0, q4_0, q4_1), "float16" or "bfloat16",
-        or kept "float32"; matrices already quantized (a GGUF file's) stay as they are. Then a
-        compiled decode step: the first generation after this compiles (a minute or more), later
-        ones reuse it."""
+        or kept "float32"; matrices already quantized (a GGUF file's) stay as they are. A network
+        whose blocks run fused in C (attendo.fused: LLaMA-, Qwen2-, GPT-2-, BLOOM-style decoders)
+        needs nothing more; any other gets a compiled decode step: the first generation after
+        this compiles (a minute or more), later ones reuse it."""
         if weights in optimize.QUANTIZED_FORMATS:
             optimize.quantize_weights(self.network, optimize.QUANTIZED_FORMATS[weights])
         elif weights in ("float16", "bfloat16"):
@@ -46,7 +47,8 @@ class Model:
             raise InvalidSettingError(
                 f"unknown weight format {weights!r} (use {', '.join(optimize.QUANTIZED_FORMATS)}, float16, bfloat16 or float32)"
             )
-        if compile:
+        fused.fuse_blocks(self.network)  # the plan reads the modules now present
+        if compile and fused.unfusable(self.network) is not None:  # the fused C blocks need no compiling
             self.decode_step = optimize.compile_decode(self.network)
         return self
 

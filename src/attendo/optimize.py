@@ -70,12 +70,13 @@ class HalfLinear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight.detach().to(dtype))
         self.bias = bias
+        self.out_features, self.in_features = weight.shape
         # Asked once here: the answer is a cached build or load, which torch.compile cannot trace.
         self.use_kernel = kernels.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel:
-            y = _kernel_product(x, self.weight, kernels.weight_format(self.weight, None), self.weight.shape[0])
+            y = _kernel_product(x, self.weight, kernels.weight_format(self.weight, None), self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype))
         return y if self.bias is None else y + self.bias

@@ -7,6 +7,7 @@
   instruction serves 16 output rows; pack() makes that layout, matmul(..., packed=True) uses it.
 - formats.c: the activations' rounding and every block format's layout, spelled out once.
 - attention.c: softmax(QKᵀ·scale + bias)V over the keys a mask allows.
+- decoder.c: every layer of a decoder-only network in one call (see attendo.fused).
 
 Both are batch-invariant: a row's result depends on that row's inputs alone, never on how many
 other rows are computed beside it, so a prompt gives bit for bit the same logits alone, in a
@@ -38,8 +39,8 @@ from pathlib import Path
 import torch
 
 _DIRECTORY = Path(__file__).parent
-_SOURCES = [_DIRECTORY / name for name in ("formats.c", "matmul.c", "packed.c", "attention.c")]
-_HEADERS = [_DIRECTORY / "simd.h", _DIRECTORY / "formats.h"]
+_SOURCES = [_DIRECTORY / name for name in ("formats.c", "matmul.c", "packed.c", "attention.c", "decoder.c")]
+_HEADERS = [_DIRECTORY / name for name in ("simd.h", "formats.h", "internal.h")]
 # No contraction of a·b + c into one rounding: the dequantized weights equal torch's, bit for bit.
 _COMMON_FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 NATIVE = ("-march=native",)
@@ -119,6 +120,7 @@ def library(flags: tuple[str, ...] = NATIVE) -> ctypes.CDLL | str:
         "attendo_matmul": (c_int, [c_int, c_ptr, c_int, c_int, c_int, c_ptr, c_int, c_ptr, c_int, c_int]),
         "attendo_dequantize": (c_int, [c_int, c_ptr, c_int, c_int, c_ptr, c_int, c_ptr, c_int]),
         "attendo_attention": (c_int, [c_ptr] * 10 + [c_int] * 6 + [c_float, c_ptr, c_int]),
+        "attendo_decoder_layers": (c_int, [c_ptr, c_int, c_ptr, c_int, c_ptr, c_ptr, c_ptr, c_ptr, c_int, c_int]),
     }
     for name, (result, arguments) in signatures.items():
         function = getattr(loaded, name)
@@ -225,6 +227,18 @@ def dequantize(
     ):  # fmt: skip
         raise RuntimeError(f"the kernels cannot dequantize format {fmt} with rows of {in_features}")
     return values
+
+
+def decoder_layers(
+    layers: ctypes.Array, n_layers: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+    keys: ctypes.Array, values: ctypes.Array, max_len: int,
+) -> int:
+    """x (rows, dim) float32 through decoder.c's layers in place (attendo.fused builds the
+    arguments and checks them); 0, or -1 when memory ran out. Needs available()."""
+    return _loaded().attendo_decoder_layers(
+        ctypes.addressof(layers), n_layers, x.data_ptr(), x.shape[0], positions.data_ptr(), slots.data_ptr(),
+        ctypes.addressof(keys), ctypes.addressof(values), max_len, torch.get_num_threads(),
+    )  # fmt: skip
 
 
 def attention(

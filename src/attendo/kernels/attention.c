@@ -21,6 +21,7 @@
 
 #include <omp.h>
 
+#include "internal.h"
 #include "simd.h"
 
 enum { LANES = 8 };
@@ -86,8 +87,21 @@ typedef struct {
     float *out; /* (batch, heads, queries, dim), contiguous */
 } Attention;
 
+/* From scores[0, keys) (-inf for hidden keys, top their largest): out = Σ_j e^(s_j - top)·v_j / Σ_j
+   e^(s_j - top). Keys before `from` (a multiple of 8) are hidden and not looked at. */
+static void weighted_values(float *scores, int from, int keys, float top, const float *v, long v_stride, int dim,
+                            float *out) {
+    const int padded = (keys + LANES - 1) / LANES * LANES;
+    for (int j = keys; j < padded; j++) scores[j] = -INFINITY;
+    const float total = exponentiate(scores + from, padded - from, top);
+    /* hidden keys have weight 0 (and so may hold anything, like a cache's stale positions) */
+    for (int j = from; j < keys; j++)
+        if (scores[j] != 0.0f) add_scaled(out, scores[j], v + j * v_stride, dim);
+    for (int d = 0; d < dim; d++) out[d] /= total;
+}
+
 static void attend_one(const Attention *a, int b, int h, int i, float *scores) {
-    const int kv = h / (a->heads / a->kv_heads), padded = (a->keys + LANES - 1) / LANES * LANES;
+    const int kv = h / (a->heads / a->kv_heads);
     const float *q = a->q + b * a->q_strides[0] + h * a->q_strides[1] + i * a->q_strides[2];
     const float *k = a->k + b * a->k_strides[0] + kv * a->k_strides[1];
     const float *v = a->v + b * a->v_strides[0] + kv * a->v_strides[1];
@@ -107,12 +121,21 @@ static void attend_one(const Attention *a, int b, int h, int i, float *scores) {
     }
     memset(out, 0, sizeof(float) * a->dim);
     if (top == -INFINITY) return; /* nothing to attend to (a padding query): zeros */
-    for (int j = a->keys; j < padded; j++) scores[j] = -INFINITY;
-    const float total = exponentiate(scores, padded, top);
-    /* hidden keys have weight 0 (and so may hold anything, like a cache's stale positions) */
-    for (int j = 0; j < a->keys; j++)
-        if (scores[j] != 0.0f) add_scaled(out, scores[j], v + j * a->v_strides[2], a->dim);
-    for (int d = 0; d < a->dim; d++) out[d] /= total;
+    weighted_values(scores, 0, a->keys, top, v, a->v_strides[2], a->dim, out);
+}
+
+void attend_range(const float *q, const float *k, long k_stride, const float *v, long v_stride, int first, int last,
+                  int dim, float scale, float bias_slope, int position, float *scores, float *out) {
+    const int from = first / LANES * LANES; /* lanes stay tied to key positions: see exponentiate */
+    float top = -INFINITY;
+    for (int j = from; j < first; j++) scores[j] = -INFINITY;
+    for (int j = first; j <= last; j++) {
+        scores[j] = scale * dot(q, k + j * k_stride, dim);
+        if (bias_slope != 0.0f) scores[j] += -bias_slope * (float)(position - j);
+        top = fmaxf(top, scores[j]);
+    }
+    memset(out, 0, sizeof(float) * dim);
+    weighted_values(scores, from, last + 1, top, v, v_stride, dim, out);
 }
 
 /* Returns 0, or -1 when memory runs out. */

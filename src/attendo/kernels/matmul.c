@@ -30,6 +30,7 @@
 #include <omp.h>
 
 #include "formats.h"
+#include "internal.h"
 
 /* ---- the product of one row of W with a tile of rows of x ---------------------------------- */
 
@@ -332,11 +333,6 @@ static MatmulLoop matmul_loop(int format) {
 
 /* ---- entry points ------------------------------------------------------------------------ */
 
-int packed_format(int format);
-void packed_matmul(int format, const uint8_t *packed, int out, int in, const void *x, size_t x_stride, int rows,
-                   float *y, size_t ldy);
-int attendo_unpack_rows(int format, const uint8_t *packed, int in, const int64_t *index, int n, uint8_t *rows);
-
 /* Whether this library multiplies by `format`, for rows of `in` values: 1 or 0. */
 int attendo_supports(int format, int in) {
     return matmul_loop(format) != NULL && in > 0 && in % block_values(format) == 0;
@@ -346,20 +342,34 @@ int attendo_supports(int format, int in) {
 int attendo_packs(int format) { return packed_format(format); }
 
 /* Bytes of x rounded for `format`, per row of `in` values (0 for the float formats). */
-static size_t rounded_row_bytes(int format, int in) {
+size_t rounded_row_bytes(int format, int in) {
     if (block_values(format) == 1) return 0;
     return block_values(format) == QK ? sizeof(XBlock) * (in / QK) : sizeof(XSuper) * (in / QK_K);
 }
 
-/* x rounded for `format`, rows shared among the threads of the enclosing parallel region. */
-static void round_rows(int format, const float *x, int in, int rows, void *rounded) {
+static void round_row(int format, const float *x, int in, void *target) {
+    if (block_values(format) == QK) quantize_row_32(x, in / QK, (XBlock *)target);
+    else quantize_row_256(x, in / QK_K, (XSuper *)target);
+}
+
+void round_rows(int format, const float *x, int in, int rows, void *rounded) {
     const size_t row_bytes = rounded_row_bytes(format, in);
 #pragma omp for schedule(static)
-    for (int r = 0; r < rows; r++) {
-        char *target = (char *)rounded + r * row_bytes;
-        if (block_values(format) == QK) quantize_row_32(x + (size_t)r * in, in / QK, (XBlock *)target);
-        else quantize_row_256(x + (size_t)r * in, in / QK_K, (XSuper *)target);
+    for (int r = 0; r < rows; r++) round_row(format, x + (size_t)r * in, in, (char *)rounded + r * row_bytes);
+}
+
+void matmul_in_team(int format, int packed, const uint8_t *w, int out, int in, const float *x, const void *rounded,
+                    int rows, float *y, size_t ldy) {
+    const size_t row_bytes = rounded_row_bytes(format, in);
+    if (packed) {
+        packed_matmul(format, w, out, in, rounded, row_bytes, rows, y, ldy);
+        return;
     }
+    const Rows xr = row_bytes ? (Rows){rounded, row_bytes} : (Rows){x, (size_t)in * sizeof(float)};
+    /* each thread takes one run of output columns */
+    const int team = omp_get_num_threads(), share = (out + team - 1) / team;
+    const int first = omp_get_thread_num() * share, last = first + share < out ? first + share : out;
+    if (first < last) matmul_loop(format)(w, first, last, (int)ldy, in, &xr, rows, y);
 }
 
 /* y (rows x out, rows ldy apart) = x (rows x in) · Wᵀ, W (out x in) stored in `format`, in the
@@ -367,31 +377,17 @@ static void round_rows(int format, const float *x, int in, int rows, void *round
    unknown or does not fit `in`, or memory runs out. */
 int attendo_matmul(int format, const uint8_t *w, int packed, int out, int in, const float *x, int rows, float *y,
                    int ldy, int threads) {
-    const MatmulLoop loop = matmul_loop(format);
-    if (loop == NULL || !attendo_supports(format, in) || (packed && !packed_format(format))) return -1;
+    if (matmul_loop(format) == NULL || !attendo_supports(format, in) || (packed && !packed_format(format))) return -1;
     const size_t row_bytes = rounded_row_bytes(format, in);
     void *rounded = row_bytes ? malloc(row_bytes * rows) : NULL;
     if (row_bytes && rounded == NULL) return -1;
-    const Rows xr = row_bytes ? (Rows){rounded, row_bytes} : (Rows){x, (size_t)in * sizeof(float)};
     /* A few rows (decoding) are rounded by one thread, so the threads meet only once, at the end. */
-    if (row_bytes && rows <= TILE) {
-        for (int r = 0; r < rows; r++) {
-            char *target = (char *)rounded + r * row_bytes;
-            if (block_values(format) == QK) quantize_row_32(x + (size_t)r * in, in / QK, (XBlock *)target);
-            else quantize_row_256(x + (size_t)r * in, in / QK_K, (XSuper *)target);
-        }
-    }
+    if (row_bytes && rows <= TILE)
+        for (int r = 0; r < rows; r++) round_row(format, x + (size_t)r * in, in, (char *)rounded + r * row_bytes);
 #pragma omp parallel num_threads(threads)
     {
-        if (row_bytes && rows > TILE) round_rows(format, x, in, rows, rounded); /* ends with a barrier */
-        if (packed) {
-            packed_matmul(format, w, out, in, xr.x, xr.row_stride, rows, y, ldy);
-        } else {
-            /* each thread takes one run of output columns */
-            const int team = omp_get_num_threads(), share = (out + team - 1) / team;
-            const int first = omp_get_thread_num() * share, last = first + share < out ? first + share : out;
-            if (first < last) loop(w, first, last, ldy, in, &xr, rows, y);
-        }
+        if (row_bytes && rows > TILE) round_rows(format, x, in, rows, rounded);
+        matmul_in_team(format, packed, w, out, in, x, rounded, rows, y, ldy);
     }
     free(rounded);
     return 0;

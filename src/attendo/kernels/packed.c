@@ -33,6 +33,7 @@
 #include <omp.h>
 
 #include "formats.h"
+#include "internal.h"
 
 enum { PANEL = 16 };
 

@@ -1,0 +1,281 @@
+/* The layers of a decoder-only transformer in one call: for every row (a token of some sequence),
+   every layer's norm, q/k/v projection, rotary positions, key/value cache write, attention over
+   the row's own sequence, output projection, and feed-forward network, with the residual adds.
+
+   Why: run from Python, a layer is some 80 small torch operations, each a few microseconds of
+   dispatch; a 30-layer model spent more time there than multiplying. Here the whole stack is one
+   C call, and its threads (one OpenMP team) meet only at the barriers between the steps below.
+
+   What it computes is what attendo.layers computes (attendo.fused builds the Layer descriptions
+   from those modules and checks them against the Python forward), for pre-norm blocks:
+       x += post_attn_norm?( attention(attn_norm(x)) )
+       x += post_mlp_norm?( mlp(mlp_norm(x)) )
+   with RMSNorm or LayerNorm; optional q/k RMSNorms per head; RoPE (rotate-half) from per-layer
+   tables, or none (positions added before the layers); ALiBi slopes; a sliding window; a gated
+   or plain feed-forward network with SiLU, GELU, tanh-GELU or ReLU; biases anywhere.
+
+   Each row is computed from its own values alone, in a fixed order (matmul.c, packed.c and
+   attention.c's products and attention, and per-row loops here): batch-invariant. */
+
+#include <stdlib.h>
+
+#include <omp.h>
+
+#include "formats.h"
+#include "internal.h"
+
+enum { RMS = 0, LAYER = 1 };
+enum { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3 };
+enum { MAX_PARTS = 4 };
+
+typedef struct {
+    const float *weight, *bias; /* weight NULL: no such norm */
+    float eps;
+    int kind; /* RMS or LAYER */
+} Norm;
+
+/* One projection: output columns [offset, offset + rows) of each part come from its matrix. */
+typedef struct {
+    const uint8_t *data;
+    int format, packed, rows;
+} Part;
+
+typedef struct {
+    Part parts[MAX_PARTS];
+    int n_parts, in, out;
+    const float *bias;
+} Matrix;
+
+typedef struct {
+    int dim, heads, kv_heads, head_dim, ffn, gated, activation, rope_dims, window;
+    float scale;
+    Norm attn_norm, mlp_norm, post_attn_norm, post_mlp_norm, q_norm, k_norm;
+    Matrix qkv, out, up, down;
+    const float *rope_cos, *rope_sin; /* (positions, rope_dims), or NULL */
+    const float *alibi;               /* per head, or NULL */
+} Layer;
+
+/* ---- per-row pieces ---------------------------------------------------------------------- */
+
+static float sum_squares(const float *x, int n) {
+    int i = 0;
+    float total = 0.0f;
+#ifdef __AVX2__
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        even = _mm256_fmadd_ps(a, a, even);
+        odd = _mm256_fmadd_ps(b, b, odd);
+    }
+    total = hsum8(_mm256_add_ps(even, odd));
+#endif
+    for (; i < n; i++) total += x[i] * x[i];
+    return total;
+}
+
+static float sum(const float *x, int n) {
+    float total = 0.0f;
+    for (int i = 0; i < n; i++) total += x[i];
+    return total;
+}
+
+/* out = norm(x) over n values (out may be x) */
+static void normalize(const Norm *norm, const float *x, int n, float *out) {
+    if (norm->kind == RMS) {
+        const float inverse = 1.0f / sqrtf(sum_squares(x, n) / (float)n + norm->eps);
+        for (int i = 0; i < n; i++) out[i] = x[i] * inverse * norm->weight[i];
+        return;
+    }
+    const float mean = sum(x, n) / (float)n;
+    float variance = 0.0f;
+    for (int i = 0; i < n; i++) variance += (x[i] - mean) * (x[i] - mean);
+    const float inverse = 1.0f / sqrtf(variance / (float)n + norm->eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * inverse * norm->weight[i] + (norm->bias ? norm->bias[i] : 0.0f);
+}
+
+static float activate(int activation, float x) {
+    switch (activation) {
+    case SILU: return x / (1.0f + expf(-x));
+    case GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    default: return x > 0.0f ? x : 0.0f;
+    }
+}
+
+/* Rotate the first rope_dims values of one head (rotate-half pairs: i with i + rope_dims/2). */
+static void rotate(float *head, const float *cos, const float *sin, int rope_dims) {
+    const int half = rope_dims / 2;
+    for (int i = 0; i < half; i++) {
+        const float first = head[i], second = head[i + half];
+        head[i] = first * cos[i] - second * sin[i];
+        head[i + half] = second * cos[i + half] + first * sin[i + half];
+    }
+}
+
+/* ---- the projections --------------------------------------------------------------------- */
+
+/* The rounded copies of x a projection's parts need (one per activation format). */
+typedef struct {
+    void *per_32, *per_256;
+} Rounded;
+
+static int needs(const Matrix *m, int values) {
+    for (int p = 0; p < m->n_parts; p++)
+        if (block_values(m->parts[p].format) == values) return 1;
+    return 0;
+}
+
+/* y (rows x m->out) = x·Wᵀ (+ bias later, by the caller). Called by every thread of the team;
+   ends with a barrier. */
+static void project(const Matrix *m, const float *x, int rows, Rounded *rounded, float *y) {
+    if (needs(m, 32)) round_rows(Q8_0, x, m->in, rows, rounded->per_32);
+    if (needs(m, 256)) round_rows(Q4_K, x, m->in, rows, rounded->per_256);
+    int offset = 0;
+    for (int p = 0; p < m->n_parts; p++) {
+        const Part *part = &m->parts[p];
+        const int values = block_values(part->format);
+        const void *r = values == 32 ? rounded->per_32 : values == 256 ? rounded->per_256 : NULL;
+        matmul_in_team(part->format, part->packed, part->data, part->rows, m->in, x, r, rows, y + offset, m->out);
+        offset += part->rows;
+    }
+#pragma omp barrier
+}
+
+/* ---- the layers -------------------------------------------------------------------------- */
+
+typedef struct {
+    float *normed, *qkv, *attended, *projected, *hidden;
+    Rounded rounded;
+} Scratch;
+
+static void attention_block(const Layer *L, float *x, int rows, const int64_t *positions, const int64_t *slots,
+                            float *k_cache, float *v_cache, int max_len, Scratch *s, float *scores) {
+    const int hd = L->head_dim, q_width = L->heads * hd, kv_width = L->kv_heads * hd;
+    const size_t slot_stride = (size_t)L->kv_heads * max_len * hd, head_stride = (size_t)max_len * hd;
+#pragma omp for schedule(static)
+    for (int r = 0; r < rows; r++) normalize(&L->attn_norm, x + (size_t)r * L->dim, L->dim, s->normed + (size_t)r * L->dim);
+    project(&L->qkv, s->normed, rows, &s->rounded, s->qkv);
+
+    /* bias, q/k norms and positions per head; keys and values into the cache */
+#pragma omp for schedule(static)
+    for (int t = 0; t < rows * (L->heads + L->kv_heads); t++) {
+        const int r = t / (L->heads + L->kv_heads), h = t % (L->heads + L->kv_heads), is_key = h >= L->heads;
+        float *row = s->qkv + (size_t)r * L->qkv.out;
+        float *head = row + (is_key ? q_width + (h - L->heads) * hd : h * hd);
+        const int64_t position = positions[r];
+        if (L->qkv.bias) {
+            const float *bias = L->qkv.bias + (head - row);
+            for (int i = 0; i < hd; i++) head[i] += bias[i];
+            if (is_key) {
+                float *value = head + kv_width;
+                for (int i = 0; i < hd; i++) value[i] += bias[kv_width + i];
+            }
+        }
+        const Norm *norm = is_key ? &L->k_norm : &L->q_norm;
+        if (norm->weight) normalize(norm, head, hd, head);
+        if (L->rope_cos) rotate(head, L->rope_cos + position * L->rope_dims, L->rope_sin + position * L->rope_dims, L->rope_dims);
+        if (is_key) {
+            const size_t at = slots[r] * slot_stride + (h - L->heads) * head_stride + position * hd;
+            memcpy(k_cache + at, head, sizeof(float) * hd);
+            memcpy(v_cache + at, head + kv_width, sizeof(float) * hd);
+        }
+    }
+    /* the implicit barrier: every key of this step is in the cache before any query reads it */
+#pragma omp for schedule(static)
+    for (int t = 0; t < rows * L->heads; t++) {
+        const int r = t / L->heads, h = t % L->heads, kv = h / (L->heads / L->kv_heads);
+        const int position = (int)positions[r];
+        const int first = L->window > 0 && position - L->window + 1 > 0 ? position - L->window + 1 : 0;
+        const size_t base = slots[r] * slot_stride + kv * head_stride;
+        attend_range(s->qkv + (size_t)r * L->qkv.out + h * hd, k_cache + base, hd, v_cache + base, hd, first, position, hd,
+                     L->scale, L->alibi ? L->alibi[h] : 0.0f, position, scores, s->attended + (size_t)r * q_width + h * hd);
+    }
+    project(&L->out, s->attended, rows, &s->rounded, s->projected);
+#pragma omp for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        float *y = s->projected + (size_t)r * L->dim, *xr = x + (size_t)r * L->dim;
+        if (L->out.bias)
+            for (int i = 0; i < L->dim; i++) y[i] += L->out.bias[i];
+        if (L->post_attn_norm.weight) normalize(&L->post_attn_norm, y, L->dim, y);
+        for (int i = 0; i < L->dim; i++) xr[i] += y[i];
+    }
+}
+
+static void mlp_block(const Layer *L, float *x, int rows, Scratch *s) {
+    const int up_width = L->up.out;
+#pragma omp for schedule(static)
+    for (int r = 0; r < rows; r++) normalize(&L->mlp_norm, x + (size_t)r * L->dim, L->dim, s->normed + (size_t)r * L->dim);
+    project(&L->up, s->normed, rows, &s->rounded, s->qkv);
+#pragma omp for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        float *up = s->qkv + (size_t)r * up_width, *hidden = s->hidden + (size_t)r * L->ffn;
+        if (L->up.bias)
+            for (int i = 0; i < up_width; i++) up[i] += L->up.bias[i];
+        for (int i = 0; i < L->ffn; i++) /* gated: act(gate) · up, the gate's rows first */
+            hidden[i] = L->gated ? activate(L->activation, up[i]) * up[L->ffn + i] : activate(L->activation, up[i]);
+    }
+    project(&L->down, s->hidden, rows, &s->rounded, s->projected);
+#pragma omp for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        float *y = s->projected + (size_t)r * L->dim, *xr = x + (size_t)r * L->dim;
+        if (L->down.bias)
+            for (int i = 0; i < L->dim; i++) y[i] += L->down.bias[i];
+        if (L->post_mlp_norm.weight) normalize(&L->post_mlp_norm, y, L->dim, y);
+        for (int i = 0; i < L->dim; i++) xr[i] += y[i];
+    }
+}
+
+static size_t largest(const Layer *layers, int n, int (*size)(const Layer *)) {
+    size_t most = 0;
+    for (int l = 0; l < n; l++) most = (size_t)size(&layers[l]) > most ? (size_t)size(&layers[l]) : most;
+    return most;
+}
+static int dim_of(const Layer *L) { return L->dim; }
+static int wide_of(const Layer *L) { return L->qkv.out > L->up.out ? L->qkv.out : L->up.out; }
+static int attended_of(const Layer *L) { return L->heads * L->head_dim; }
+static int ffn_of(const Layer *L) { return L->ffn; }
+static int widest_input(const Layer *L) {
+    int widest = L->dim > L->ffn ? L->dim : L->ffn;
+    return widest > L->heads * L->head_dim ? widest : L->heads * L->head_dim;
+}
+
+/* x (rows x dim) through every layer, in place. Row r is the token at positions[r] of the
+   sequence in cache slot slots[r]; layer l's keys and values go to k_caches[l], v_caches[l]
+   (slots x kv_heads x max_len x head_dim, float32). Returns 0, or -1 when memory runs out. */
+int attendo_decoder_layers(const Layer *layers, int n_layers, float *x, int rows, const int64_t *positions,
+                           const int64_t *slots, float *const *k_caches, float *const *v_caches, int max_len, int threads) {
+    const size_t dim = largest(layers, n_layers, dim_of), wide = largest(layers, n_layers, wide_of);
+    const size_t attended = largest(layers, n_layers, attended_of), ffn = largest(layers, n_layers, ffn_of);
+    const size_t input = largest(layers, n_layers, widest_input);
+    Scratch s;
+    float *floats = malloc(sizeof(float) * rows * (2 * dim + wide + attended + ffn));
+    s.rounded.per_32 = malloc(rows * rounded_row_bytes(Q8_0, (int)(input + 31) / 32 * 32) + 64);
+    s.rounded.per_256 = malloc(rows * rounded_row_bytes(Q4_K, (int)(input + 255) / 256 * 256) + 64);
+    int failed = floats == NULL || s.rounded.per_32 == NULL || s.rounded.per_256 == NULL;
+    if (!failed) {
+        s.normed = floats;
+        s.projected = s.normed + rows * dim;
+        s.qkv = s.projected + rows * dim;
+        s.attended = s.qkv + rows * wide;
+        s.hidden = s.attended + rows * attended;
+#pragma omp parallel num_threads(threads)
+        {
+            float *scores = malloc(sizeof(float) * (max_len + 16));
+            if (scores == NULL) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp barrier
+            if (!failed)
+                for (int l = 0; l < n_layers; l++) {
+                    attention_block(&layers[l], x, rows, positions, slots, k_caches[l], v_caches[l], max_len, &s, scores);
+                    mlp_block(&layers[l], x, rows, &s);
+                }
+            free(scores);
+        }
+    }
+    free(floats);
+    free(s.rounded.per_32);
+    free(s.rounded.per_256);
+    return failed ? -1 : 0;
+}
