@@ -93,13 +93,49 @@ static void normalize(const Norm *norm, const float *x, int n, float *out) {
     for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * inverse * norm->weight[i] + (norm->bias ? norm->bias[i] : 0.0f);
 }
 
+/* SiLU and tanh-GELU through e^-|u| (simd.h's exp, for arguments <= 0):
+     sigmoid(u) = 1 / (1 + e^-u) for u >= 0, e^u / (1 + e^u) below;  tanh(u) = 2·sigmoid(2u) - 1. */
+static float sigmoid1(float u) {
+    const float t = exp1(-fabsf(u));
+    return u >= 0.0f ? 1.0f / (1.0f + t) : t / (1.0f + t);
+}
+
 static float activate(int activation, float x) {
     switch (activation) {
-    case SILU: return x / (1.0f + expf(-x));
+    case SILU: return x * sigmoid1(x);
     case GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    case GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    case GELU_TANH: return x * sigmoid1(2.0f * 0.79788456080286536f * (x + 0.044715f * x * x * x));
     default: return x > 0.0f ? x : 0.0f;
     }
+}
+
+#ifdef __AVX2__
+static __m256 sigmoid8(__m256 u) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    const __m256 t = exp8(_mm256_or_ps(u, sign)); /* e^-|u| */
+    const __m256 positive = _mm256_div_ps(one, _mm256_add_ps(one, t)), negative = _mm256_div_ps(t, _mm256_add_ps(one, t));
+    return _mm256_blendv_ps(positive, negative, u); /* u's sign bit picks */
+}
+#endif
+
+/* hidden[i] = act(up[i]) (· up[ffn + i] when gated: the gate's rows come first), i < ffn */
+static void activate_row(int activation, int gated, const float *up, int ffn, float *hidden) {
+    int i = 0;
+#ifdef __AVX2__
+    if (activation == SILU || activation == GELU_TANH)
+        for (; i + 8 <= ffn; i += 8) {
+            const __m256 x = _mm256_loadu_ps(up + i);
+            __m256 u = x;
+            if (activation == GELU_TANH) {
+                const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_mul_ps(x, _mm256_set1_ps(0.044715f)));
+                u = _mm256_mul_ps(_mm256_set1_ps(2.0f * 0.79788456080286536f), _mm256_add_ps(x, cube));
+            }
+            __m256 y = _mm256_mul_ps(x, sigmoid8(u));
+            if (gated) y = _mm256_mul_ps(y, _mm256_loadu_ps(up + ffn + i));
+            _mm256_storeu_ps(hidden + i, y);
+        }
+#endif
+    for (; i < ffn; i++) hidden[i] = gated ? activate(activation, up[i]) * up[ffn + i] : activate(activation, up[i]);
 }
 
 /* Rotate the first rope_dims values of one head (rotate-half pairs: i with i + rope_dims/2). */
@@ -211,8 +247,7 @@ static void mlp_block(const Layer *L, float *x, int rows, Scratch *s) {
         float *up = s->qkv + (size_t)r * up_width, *hidden = s->hidden + (size_t)r * L->ffn;
         if (L->up.bias)
             for (int i = 0; i < up_width; i++) up[i] += L->up.bias[i];
-        for (int i = 0; i < L->ffn; i++) /* gated: act(gate) · up, the gate's rows first */
-            hidden[i] = L->gated ? activate(L->activation, up[i]) * up[L->ffn + i] : activate(L->activation, up[i]);
+        activate_row(L->activation, L->gated, up, L->ffn, hidden);
     }
     project(&L->down, s->hidden, rows, &s->rounded, s->projected);
 #pragma omp for schedule(static)

@@ -4,19 +4,52 @@
 
 /* ---- rounding the activations ------------------------------------------------------------ */
 
+#ifdef __AVX2__
+/* 32 int32 codes (4 vectors) → 32 int8 in order (the packs work within 128-bit lanes). */
+static inline void store_codes(__m256i q0, __m256i q1, __m256i q2, __m256i q3, int8_t *out) {
+    const __m256i words = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+    _mm256_storeu_si256((__m256i *)out, _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+static inline float max_abs8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+#endif
+
+/* The vector and scalar loops compute the same values: x·(1/d) rounded to nearest, ties to even. */
 void quantize_row_32(const float *x, int blocks, XBlock *out) {
     for (int b = 0; b < blocks; b++, x += QK) {
+#ifdef __AVX2__
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v[4], top = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(x + 8 * k);
+            top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v[k]));
+        }
+        const float d = max_abs8(top) / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
+        __m256i q[4], total = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++) {
+            q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(inverse)));
+            total = _mm256_add_epi32(total, q[k]);
+        }
+        store_codes(q[0], q[1], q[2], q[3], out[b].q);
+        const int sum = hsum8_epi32(total);
+#else
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
         const float d = amax / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
-        int total = 0;
+        int sum = 0;
         for (int i = 0; i < QK; i++) {
             out[b].q[i] = (int8_t)lrintf(x[i] * inverse);
-            total += out[b].q[i];
+            sum += out[b].q[i];
         }
+#endif
         out[b].d = d;
-        out[b].sum = d * (float)total;
-        out[b].qsum = total;
+        out[b].sum = d * (float)sum;
+        out[b].qsum = sum;
     }
 }
 
@@ -35,6 +68,19 @@ void quantize_row_256(const float *x, int blocks, XSuper *out) {
             continue;
         }
         const float inverse = -127.0f / extreme;
+#ifdef __AVX2__
+        const __m256i high = _mm256_set1_epi32(127), low = _mm256_set1_epi32(-127);
+        for (int i = 0; i < QK_K; i += 32) {
+            __m256i q[4];
+            for (int k = 0; k < 4; k++) {
+                const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_set1_ps(inverse), _mm256_loadu_ps(x + i + 8 * k)));
+                q[k] = _mm256_max_epi32(low, _mm256_min_epi32(high, v));
+            }
+            store_codes(q[0], q[1], q[2], q[3], out[b].q + i);
+            for (int k = 0; k < 4; k += 2) /* the sums of each 16 codes */
+                out[b].sums[i / 16 + k / 2] = (int16_t)hsum8_epi32(_mm256_add_epi32(q[k], q[k + 1]));
+        }
+#else
         for (int i = 0; i < QK_K; i++) {
             long v = lrintf(inverse * x[i]);
             out[b].q[i] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
@@ -44,6 +90,7 @@ void quantize_row_256(const float *x, int blocks, XSuper *out) {
             for (int i = 0; i < 16; i++) total += out[b].q[16 * s + i];
             out[b].sums[s] = (int16_t)total;
         }
+#endif
         out[b].d = 1.0f / inverse;
     }
 }

@@ -201,11 +201,15 @@ ALWAYS_INLINE int32_t word_at(const int8_t *q) {
     return v;
 }
 
-/* Σ over the 8 groups of a block of 32 values: codes[g] · (the activations' 4 bytes of group g). */
+/* Σ over the 8 groups of a block of 32 values: codes[g] · (the activations' 4 bytes of group g),
+   in two chains (an integer sum: exact in any order), so that each dot waits on one two back. */
 ALWAYS_INLINE Bytes64 dot_block(const Bytes64 *codes, const int8_t *q) {
-    Bytes64 acc = b64_zero();
-    for (int g = 0; g < 8; g++) acc = i16_dot(acc, codes[g], b64_set32(word_at(q + 4 * g)));
-    return acc;
+    Bytes64 even = b64_zero(), odd = b64_zero();
+    for (int g = 0; g < 8; g += 2) {
+        even = i16_dot(even, codes[g], b64_set32(word_at(q + 4 * g)));
+        odd = i16_dot(odd, codes[g + 1], b64_set32(word_at(q + 4 * g + 4)));
+    }
+    return i16_add(even, odd);
 }
 
 ALWAYS_INLINE Bytes64 flip_sign_bit(Bytes64 codes) {
@@ -220,12 +224,13 @@ ALWAYS_INLINE Bytes64 flip_sign_bit(Bytes64 codes) {
    taken off later. Without it (maddubs sums byte products in pairs, which overflows int16 past
    127·127·2): |code| times x with the code's sign. */
 ALWAYS_INLINE Bytes64 dot_q8(const Bytes64 *codes, const int8_t *q) {
-    Bytes64 acc = b64_zero();
-    for (int g = 0; g < 8; g++) {
-        const Bytes64 x = b64_set32(word_at(q + 4 * g));
-        acc = ATTENDO_FULL_BYTE_DOT ? i16_dot(acc, codes[g], x) : i16_dot_signed(acc, codes[g], x);
+    if (ATTENDO_FULL_BYTE_DOT) return dot_block(codes, q);
+    Bytes64 even = b64_zero(), odd = b64_zero();
+    for (int g = 0; g < 8; g += 2) {
+        even = i16_dot_signed(even, codes[g], b64_set32(word_at(q + 4 * g)));
+        odd = i16_dot_signed(odd, codes[g + 1], b64_set32(word_at(q + 4 * g + 4)));
     }
-    return acc;
+    return i16_add(even, odd);
 }
 
 /* The 32 codes of 16 rows' blocks as 8 vectors, unsigned (Q8_0 without vpdpbusd: signed). */
