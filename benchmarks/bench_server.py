@@ -9,9 +9,11 @@ flight by a semaphore), and reports per level:
 - inter-token latency (p50): gaps between consecutive content chunks of one stream
 
 Prints a table and writes JSON to benchmarks/results/server.json. Loopback only; nothing else is
-contacted.
+contacted. With --compare COMMIT, the same benchmark runs first against the server of that commit
+(its src/ exported with git archive, as benchmarks/bench_commits.py does), then against the working
+tree's, and the table gives both side by side.
 
-    .venv/bin/python benchmarks/bench_server.py [--model smollm2-135m-instruct] [--max-tokens 64]
+    .venv/bin/python benchmarks/bench_server.py [--model smollm2-135m-instruct] [--max-tokens 64] [--compare 88c3877]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,12 +115,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, log: Path, threads: int | None) -> subprocess.Popen:
+def start_server(model: str, port: int, log: Path, threads: int | None, source: Path | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "attendo.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--max-batch", "16", "--max-queue", "64", "--log-level", "warning"]  # fmt: skip
     if threads:
         command += ["--threads", str(threads)]
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONPATH": str(source)} if source else None
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
@@ -134,20 +138,11 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> N
     raise SystemExit("the server did not become healthy")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per level = this x concurrency")
-    parser.add_argument("--threads", type=int, default=None, help="passed to attendo serve --threads")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "server.json"))
-    args = parser.parse_args()
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def measure(args: argparse.Namespace, out: Path, source: Path | None) -> list[dict]:
+    """Every level against one server (the working tree's, or the code in `source`)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_server(args.model, port, out.with_suffix(".log"), args.threads)
+    process = start_server(args.model, port, out.with_suffix(".log"), args.threads, source)
     try:
         wait_healthy(url, process)
         asyncio.run(run_level(url, args.model, 1, 1, 8))  # warm-up, not reported
@@ -159,29 +154,58 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(60)
+    return levels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per level = this x concurrency")
+    parser.add_argument("--threads", type=int, default=None, help="passed to attendo serve --threads")
+    parser.add_argument("--compare", default=None, help="a commit whose server to measure first, beside this one")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "server.json"))
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {}
+    if args.compare:
+        from bench_commits import export_source
+
+        with tempfile.TemporaryDirectory() as scratch:
+            runs[args.compare] = measure(args, out, export_source(args.compare, Path(scratch)))
+    runs["this tree"] = measure(args, out, None)
+
+    from attendo.bench.hardware import vector_flags
 
     report = {
         "model": args.model,
         "max_tokens": args.max_tokens,
         "threads": args.threads,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg()},
-        "levels": levels,
-        "speedup_16_vs_1": levels[-1]["tokens_per_s"] / levels[0]["tokens_per_s"],
+        "machine": {"cpus": os.cpu_count(), "cpu_flags": vector_flags(), "platform": platform.platform(),
+                    "load_average": os.getloadavg()},  # fmt: skip
+        "runs": runs,
+        "speedup_16_vs_1": runs["this tree"][-1]["tokens_per_s"] / runs["this tree"][0]["tokens_per_s"],
     }
     out.write_text(json.dumps(report, indent=2))
 
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value * 1000:.0f}"
 
-    print(f"\n{args.model}, {args.max_tokens} max tokens per request, {os.cpu_count()} CPUs")
-    print("| concurrency | requests | output tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for level in levels:
-        print(
-            f"| {level['concurrency']} | {level['requests']} | {level['tokens_per_s']:.1f} | {ms(level['ttft_p50_s'])} "
-            f"| {ms(level['ttft_p99_s'])} | {ms(level['itl_p50_s'])} |"
-        )
-    print(f"\nthroughput at 16 / at 1: {report['speedup_16_vs_1']:.1f}x; JSON in {out}")
+    print(f"\n{args.model}, {args.max_tokens} max tokens per request, {os.cpu_count()} CPUs ({vector_flags()})")
+    print("| code | concurrency | requests | output tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, levels in runs.items():
+        for level in levels:
+            print(
+                f"| {name} | {level['concurrency']} | {level['requests']} | {level['tokens_per_s']:.1f} | {ms(level['ttft_p50_s'])} "
+                f"| {ms(level['ttft_p99_s'])} | {ms(level['itl_p50_s'])} |"
+            )
+    print(f"\nthis tree, throughput at 16 / at 1: {report['speedup_16_vs_1']:.1f}x; JSON in {out}")
+    if args.compare:
+        gain = runs["this tree"][-1]["tokens_per_s"] / runs[args.compare][-1]["tokens_per_s"]
+        print(f"at concurrency 16, this tree / {args.compare}: {gain:.2f}x")
 
 
 if __name__ == "__main__":

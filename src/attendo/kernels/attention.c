@@ -29,7 +29,15 @@ enum { LANES = 8 };
 static float dot(const float *a, const float *b, int n) {
     int i = 0;
     float total = 0.0f;
-#ifdef __AVX2__
+#if ATTENDO_AVX512
+    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+        even = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), even);
+        odd = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), odd);
+    }
+    const __m512 both = _mm512_add_ps(even, odd);
+    total = hsum8(_mm256_add_ps(_mm512_castps512_ps256(both), _mm512_extractf32x8_ps(both, 1)));
+#elif defined(__AVX2__)
     __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
     for (; i + 2 * LANES <= n; i += 2 * LANES) {
         even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
@@ -41,15 +49,58 @@ static float dot(const float *a, const float *b, int n) {
     return total;
 }
 
-/* acc += p·v over n values */
-static void add_scaled(float *acc, float p, const float *v, int n) {
-    int i = 0;
-#ifdef __AVX2__
-    const __m256 weight = _mm256_set1_ps(p);
-    for (; i + LANES <= n; i += LANES)
-        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+/* out[0..dim) = Σ_j p[j]·v_j over keys j in [from, to) with p[j] != 0, each output value summed
+   in key order; the sums stay in registers while the keys go by, a run of dimensions at a time. */
+static void weighted_sum(const float *p, int from, int to, const float *v, long v_stride, int dim, float *out) {
+    int d = 0;
+#if ATTENDO_AVX512
+    for (; d + 64 <= dim; d += 64) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = from; j < to; j++) {
+            if (p[j] == 0.0f) continue;
+            const __m512 w = _mm512_set1_ps(p[j]);
+            const float *row = v + j * v_stride + d;
+            a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(row), a0);
+            a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(row + 16), a1);
+            a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(row + 32), a2);
+            a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(row + 48), a3);
+        }
+        _mm512_storeu_ps(out + d, a0);
+        _mm512_storeu_ps(out + d + 16, a1);
+        _mm512_storeu_ps(out + d + 32, a2);
+        _mm512_storeu_ps(out + d + 48, a3);
+    }
 #endif
-    for (; i < n; i++) acc[i] += p * v[i];
+#ifdef __AVX2__
+    for (; d + 32 <= dim; d += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = from; j < to; j++) {
+            if (p[j] == 0.0f) continue;
+            const __m256 w = _mm256_set1_ps(p[j]);
+            const float *row = v + j * v_stride + d;
+            a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row), a0);
+            a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8), a1);
+            a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 16), a2);
+            a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 24), a3);
+        }
+        _mm256_storeu_ps(out + d, a0);
+        _mm256_storeu_ps(out + d + 8, a1);
+        _mm256_storeu_ps(out + d + 16, a2);
+        _mm256_storeu_ps(out + d + 24, a3);
+    }
+    for (; d + LANES <= dim; d += LANES) {
+        __m256 a = _mm256_setzero_ps();
+        for (int j = from; j < to; j++)
+            if (p[j] != 0.0f) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * v_stride + d), a);
+        _mm256_storeu_ps(out + d, a);
+    }
+#endif
+    for (; d < dim; d++) {
+        float a = 0.0f;
+        for (int j = from; j < to; j++)
+            if (p[j] != 0.0f) a += p[j] * v[j * v_stride + d];
+        out[d] = a;
+    }
 }
 
 /* scores[0..padded) → e^(scores - top) in place; returns their sum. padded is a multiple of 8
@@ -95,8 +146,7 @@ static void weighted_values(float *scores, int from, int keys, float top, const 
     for (int j = keys; j < padded; j++) scores[j] = -INFINITY;
     const float total = exponentiate(scores + from, padded - from, top);
     /* hidden keys have weight 0 (and so may hold anything, like a cache's stale positions) */
-    for (int j = from; j < keys; j++)
-        if (scores[j] != 0.0f) add_scaled(out, scores[j], v + j * v_stride, dim);
+    weighted_sum(scores, from, keys, v, v_stride, dim, out);
     for (int d = 0; d < dim; d++) out[d] /= total;
 }
 
@@ -134,7 +184,6 @@ void attend_range(const float *q, const float *k, long k_stride, const float *v,
         if (bias_slope != 0.0f) scores[j] += -bias_slope * (float)(position - j);
         top = fmaxf(top, scores[j]);
     }
-    memset(out, 0, sizeof(float) * dim);
     weighted_values(scores, from, last + 1, top, v, v_stride, dim, out);
 }
 

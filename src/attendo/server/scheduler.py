@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from attendo.generation.loop import Batch, Event, Request, Sequence, TokenLogprob
+from attendo.generation.sampler import SamplingSettings
 
 if TYPE_CHECKING:
     from attendo.model import Model
@@ -121,6 +122,15 @@ class Scheduler:
 
     def start(self) -> None:
         self._thread.start()
+
+    def warm_up(self) -> None:
+        """One short generation through the batch before the first request (call before start):
+        the first forward pays for what is made on first use (the kernels' thread team, scratch
+        memory, a compiled step's compilation), which a client's first request should not."""
+        first = self.model.config.bos_token_id or 0
+        self.batch.add(Request([first], SamplingSettings(), 2))
+        while self.batch.busy:
+            self.batch.step()
 
     @property
     def waiting(self) -> int:

@@ -99,6 +99,7 @@ class ServedModels:
                 name, model, max_batch=s.max_batch, max_queue=s.max_queue, max_len=window,
                 prefill_chunk=s.prefill_chunk, metrics=self.metrics,
             )  # fmt: skip
+            scheduler.warm_up()  # /health stays 503 until this is done
             scheduler.start()
         return Served(name, model, PromptEncoder(model.tokenizer), scheduler, window)
 
