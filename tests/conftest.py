@@ -64,7 +64,18 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama-gqa": ("llama", {**_SHAPE, "num_attention_heads": 4, "num_key_value_heads": 2}),
     "qwen2": ("qwen2", {**_SHAPE, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 1e6}),
     "llama-tied": ("llama", {**_SHAPE, "num_attention_heads": 4, "tie_word_embeddings": True}),
-}
+    # Gemma 3 with a 4-token window (prompts and generations run past it), a head_dim that is not
+    # dim / heads, its own attention scale, soft-capped logits, and a scaled RoPE on the global layer.
+    "gemma3": ("gemma3_text", {
+        **_SHAPE, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
+        "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "query_pre_attn_scalar": 20, "final_logit_softcapping": 30.0,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    }),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
