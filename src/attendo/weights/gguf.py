@@ -19,13 +19,13 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from attendo.errors import CheckpointError, UnsupportedModelError
 from attendo.weights import ggml_blocks
@@ -293,6 +293,7 @@ class GGUFTensors:
 # --- config ----------------------------------------------------------------------------------
 
 
+SentencePieceFlavour = Literal["llama", "gemma", "phi3"]  # see _sentencepiece
 RopeFactors = dict[str, list[float]]  # the values of the rope_freqs / rope_factors_* tensors, by name
 
 
@@ -372,6 +373,7 @@ class _Architecture:
     layer_names: tuple[tuple[str, str], ...] = ()  # GGUF name parts whose HF names differ from LLaMA's
     norms_plus_one: bool = False  # llama.cpp's Gemma converter stores every norm weight as 1 + w
     more_config: Callable[[Path, dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    sentencepiece: SentencePieceFlavour = "llama"  # how a SentencePiece vocabulary is read
 
 
 # The GGUF architectures attendo reads, each as the Hugging Face model it was converted from.
@@ -383,6 +385,7 @@ _ARCHITECTURES = {
     "phi3": _Architecture(
         "phi3", "Phi3ForCausalLM", rope_permuted=False, spells_attention_bias=False,
         layer_names=(("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")), more_config=_phi3_config,
+        sentencepiece="phi3",
     ),
     "gemma3": _Architecture(
         "gemma3_text", "Gemma3ForCausalLM", rope_permuted=False, spells_attention_bias=False,
@@ -391,7 +394,7 @@ _ARCHITECTURES = {
             ("post_attention_norm", "post_attention_layernorm"), ("ffn_norm", "pre_feedforward_layernorm"),
             ("post_ffw_norm", "post_feedforward_layernorm"),
         ),
-        norms_plus_one=True, more_config=_gemma3_config,
+        norms_plus_one=True, more_config=_gemma3_config, sentencepiece="gemma",
     ),
 }  # fmt: skip
 
@@ -523,25 +526,42 @@ def _byte_level(path: Path, metadata: dict[str, Any], tokens: list[str]) -> tupl
     return tokenizer, spelled_in
 
 
-def _sentencepiece(path: Path, metadata: dict[str, Any], tokens: list[str]) -> Tokenizer:
-    """SentencePiece-style BPE: words start with "▁", unknown characters fall back to <0xXX> bytes."""
+def _sentencepiece(path: Path, metadata: dict[str, Any], tokens: list[str], flavour: SentencePieceFlavour) -> Tokenizer:
+    """SentencePiece-style BPE: words start with "▁", unknown characters fall back to <0xXX> bytes.
+
+    The flavours are transformers' readings of each architecture's files: Gemma files spell
+    tokens of only spaces with real spaces (the vocabulary has them as "▁▁...") and order their
+    merges by the tokens' positions, not their scores; Phi-3 puts "▁" before every text even when
+    it starts with a space (as llama.cpp does), where LLaMA's Metaspace does not.
+    """
+    if flavour == "gemma":
+        tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
     if "tokenizer.ggml.merges" in metadata:
         merges = _merges(path, metadata)
+    elif flavour == "gemma":
+        merges = _merges_from_scores(tokens, [-float(i) for i in range(len(tokens))])
     else:
         merges = _merges_from_scores(tokens, metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
     vocab = {token: index for index, token in enumerate(tokens)}
     tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True))
     prefix_space = metadata.get("tokenizer.ggml.add_space_prefix", True)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if prefix_space else "never", split=False
-    )
+    if flavour == "phi3":
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if prefix_space else "never", split=False
+        )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix_space else steps)
     return tokenizer
 
 
 def _tokenizer(
-    path: Path, metadata: dict[str, Any], bos: tuple[str, int] | None, eos: tuple[str, int] | None
+    path: Path,
+    metadata: dict[str, Any],
+    bos: tuple[str, int] | None,
+    eos: tuple[str, int] | None,
+    flavour: SentencePieceFlavour = "llama",
 ) -> Tokenizer:
     """The tokenizer the metadata describes, built the way transformers builds it from a GGUF, so
     both give the same ids. ``bos``/``eos`` (token, id) are added around each text when given."""
@@ -553,7 +573,7 @@ def _tokenizer(
     if kind == "gpt2":
         tokenizer, spelled_in = _byte_level(path, metadata, tokens)
     elif kind == "llama":
-        tokenizer = _sentencepiece(path, metadata, tokens)
+        tokenizer = _sentencepiece(path, metadata, tokens, flavour)
     else:
         raise UnsupportedModelError(f"{path}: tokenizer model {kind!r} is not supported (only 'gpt2' and 'llama')")
 
@@ -631,7 +651,7 @@ def read_gguf(path: str | Path) -> Checkpoint:
     add_bos = metadata.get("tokenizer.ggml.add_bos_token", metadata.get("tokenizer.ggml.model") == "llama")
     add_eos = metadata.get("tokenizer.ggml.add_eos_token", False)
     bos, eos = special.get("bos") if add_bos else None, special.get("eos") if add_eos else None
-    tokenizer = _tokenizer(path, metadata, bos, eos)
+    tokenizer = _tokenizer(path, metadata, bos, eos, spec.sentencepiece)
     tokenizer_config = {
         "chat_template": metadata.get("tokenizer.chat_template"),
         **{f"{name}_token": special[key][0] if key in special else None for name, key in _TOKEN_NAMES.items()},
