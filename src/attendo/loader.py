@@ -198,9 +198,17 @@ def _tokenizer(checkpoint: Checkpoint, path: Path) -> TextTokenizer:
     )
 
 
+_CONFIG_GENERATION_KEYS = ("forced_bos_token_id", "forced_eos_token_id")
+
+
 def _generation_defaults(checkpoint: Checkpoint, config: ModelConfig) -> dict:
     """The checkpoint's generation_config.json: sampling defaults and every id that ends generation."""
     generation = dict(checkpoint.generation_config)
+    # Older checkpoints (BART's among them) keep generation settings in config.json, which
+    # transformers reads when generation_config.json does not set them.
+    for key in _CONFIG_GENERATION_KEYS:
+        if key not in generation and checkpoint.hf_config.get(key) is not None:
+            generation[key] = checkpoint.hf_config[key]
     stop_ids = set(config.eos_token_ids) | set(token_ids(generation.pop("eos_token_id", None)))
     generation["eos_token_ids"] = sorted(stop_ids)
     return generation
