@@ -17,6 +17,7 @@ and, where transformers reads the file itself, its tokenizer and weights from th
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import gguf
@@ -100,31 +101,38 @@ def hf_model(kind: str, vocab_size: int, directory: Path):
     return model
 
 
-def write_model_gguf(path: Path, kind: str, model, tokenizer: dict[str, Any]) -> Path:
-    """The model as llama.cpp's converter writes it (F32 tensors)."""
+def write_model_gguf(
+    path: Path,
+    kind: str,
+    model,
+    tokenizer: dict[str, Any],
+    edit: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """The model as llama.cpp's converter writes it (F32 tensors). edit(items) may change the
+    metadata and tensors ({GGUF name: value}) before they are written, to make a broken file."""
     spec, config = ARCHITECTURES[kind], model.config
     arch = spec["arch"]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer = GGUFWriter(path, arch)
-    writer.add_context_length(CONTEXT)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    metadata: dict[str, Any] = {
+        f"{arch}.context_length": CONTEXT,
+        f"{arch}.embedding_length": config.hidden_size,
+        f"{arch}.feed_forward_length": config.intermediate_size,
+        f"{arch}.block_count": config.num_hidden_layers,
+        f"{arch}.attention.head_count": config.num_attention_heads,
+        f"{arch}.attention.head_count_kv": config.num_key_value_heads,
+        f"{arch}.attention.layer_norm_rms_epsilon": config.rms_norm_eps,
+    }
     rope = config.rope_parameters.get("full_attention", config.rope_parameters)
-    writer.add_rope_freq_base(rope["rope_theta"])
-    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    metadata[f"{arch}.rope.freq_base"] = float(rope["rope_theta"])
+    metadata[f"{arch}.rope.dimension_count"] = int(head_dim * rope.get("partial_rotary_factor", 1.0))
     if arch == "gemma3":
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+        metadata[f"{arch}.attention.key_length"] = metadata[f"{arch}.attention.value_length"] = head_dim
     if getattr(config, "sliding_window", None):
-        writer.add_sliding_window(config.sliding_window)
-    for key, value in tokenizer.items():
-        add_metadata(writer, key, value)
+        metadata[f"{arch}.attention.sliding_window"] = config.sliding_window
+    metadata |= tokenizer
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    tensors: dict[str, np.ndarray] = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -134,9 +142,18 @@ def write_model_gguf(path: Path, kind: str, model, tokenizer: dict[str, Any]) ->
             tensor = llama_cpp_permute(tensor, config.num_key_value_heads)
         if arch == "gemma3" and name.endswith("norm.weight"):
             tensor = tensor + 1  # llama.cpp's Gemma converter stores (1 + w)
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.float().numpy())
+        tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))] = tensor.float().numpy()
     if rope.get("rope_type") == "llama3":
-        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
+        tensors["rope_freqs.weight"] = llama3_rope_factors(config)
+    items = metadata | tensors
+    if edit is not None:
+        edit(items)
+    writer = GGUFWriter(path, arch)
+    for key, value in items.items():
+        if isinstance(value, np.ndarray):
+            writer.add_tensor(key, value)
+        else:
+            add_metadata(writer, key, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -195,3 +212,72 @@ def test_the_file_and_its_checkpoint_load_alike(written):
     assert from_file.config.replace(**unchecked) == from_checkpoint.config.replace(**unchecked)
     ids = torch.randint(from_file.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(from_file.logits(ids), from_checkpoint.logits(ids), rtol=0, atol=1e-6)
+
+
+# --- broken Gemma files -------------------------------------------------------------------------
+
+
+def damaged_gemma(tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    tokenizer = spm_metadata() | {"tokenizer.ggml.add_space_prefix": False}
+    model = hf_model("gemma3", len(tokenizer["tokenizer.ggml.tokens"]), tmp_path / "hf")
+    return write_model_gguf(tmp_path / "broken.gguf", "gemma3", model, tokenizer, edit)
+
+
+def _drop(key: str) -> Callable[[dict[str, Any]], None]:
+    return lambda items: items.pop(key)
+
+
+def _shrink(key: str) -> Callable[[dict[str, Any]], None]:
+    def edit(items: dict[str, Any]) -> None:
+        items[key] = items[key][:-1]
+
+    return edit
+
+
+BROKEN = {
+    "missing-tensor": (_drop("blk.1.post_ffw_norm.weight"), r"missing tensor blk\.1\.post_ffw_norm\.weight"),
+    "wrong-shape": (_shrink("blk.0.attn_q_norm.weight"), r"blk\.0\.attn_q_norm\.weight .*\[23\] does not fit the config"),
+    "missing-key": (_drop("gemma3.attention.sliding_window"), r"'gemma3\.attention\.sliding_window' is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(BROKEN))
+def test_a_broken_gemma_file_is_a_one_line_error(tmp_path, damage, capsys):
+    from attendo.cli import main
+    from attendo.errors import CheckpointError
+
+    edit, message = BROKEN[damage]
+    path = damaged_gemma(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message) as error:
+        attendo.load(path, dtype="float32")
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    capsys.readouterr()  # what writing the checkpoint printed
+    assert main(["generate", "Hello", "-m", str(path), "-n", "3"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("attendo: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("keep", [0.98, 0.6, 0.01])
+def test_a_truncated_gemma_file_is_a_one_line_error(tmp_path, keep, capsys):
+    from attendo.cli import main
+    from attendo.errors import CheckpointError
+
+    path = damaged_gemma(tmp_path, lambda items: None)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match="truncated"):
+        attendo.load(path)
+    capsys.readouterr()  # what writing the checkpoint printed
+    assert main(["generate", "Hello", "-m", str(path), "-n", "3"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_an_architecture_attendo_does_not_run_is_named(tmp_path):
+    from attendo.errors import UnsupportedModelError
+
+    def rename(items: dict[str, Any]) -> None:
+        items["general.architecture"] = "gemma2"
+
+    path = damaged_gemma(tmp_path, rename)
+    with pytest.raises(UnsupportedModelError, match=r"GGUF architecture 'gemma2' is not supported \(supported: .*gemma3"):
+        attendo.load(path)

@@ -81,12 +81,12 @@ def load_weights(
         rule, sources = found
         missing = [s for s in sources if s not in available]
         if missing:
-            raise CheckpointError(f"{tensors.path}: missing tensor {missing[0]} (needed for {name})")
+            raise CheckpointError(f"{tensors.path}: missing tensor {_spelled(tensors, missing[0])} (needed for {name})")
         # One-byte stand-ins with the sources' shapes: cheap to combine, and unlike meta tensors
         # they keep torch's slow-to-import Python reference kernels out of a cold start.
         combined = rule.combine([torch.empty(available[s], dtype=torch.bool) for s in sources])
         if combined.shape != parameter.shape:
-            shapes = ", ".join(f"{s} {list(available[s])}" for s in sources)
+            shapes = ", ".join(f"{_spelled(tensors, s)} {list(available[s])}" for s in sources)
             raise CheckpointError(
                 f"{tensors.path}: {shapes} does not fit the config, which implies {list(parameter.shape)} for {name}"
             )
@@ -103,6 +103,12 @@ def load_weights(
         block = _block_of(name)
         if settle is not None and block and (index + 1 == len(plan) or _block_of(plan[index + 1][0]) != block):
             settle(network.get_submodule(block))
+
+
+def _spelled(tensors: TensorSource, name: str) -> str:
+    """A tensor's name as its file spells it, when that differs from the Hugging Face name."""
+    file_name = getattr(tensors, "file_name", None)
+    return name if file_name is None or file_name(name) == name else f"{file_name(name)} ({name})"
 
 
 def _stored_blocks(tensors: TensorSource, rule: Rule, sources: tuple[str, ...]) -> tuple[torch.Tensor, Q] | None:

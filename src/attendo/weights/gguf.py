@@ -231,12 +231,19 @@ class GGUFTensors:
     """The tensors of one GGUF file under Hugging Face names, dequantized to torch on load."""
 
     def __init__(
-        self, path: Path, infos: dict[str, TensorInfo], rope_heads: dict[str, int], plus_one: frozenset[str] = frozenset()
+        self,
+        path: Path,
+        infos: dict[str, TensorInfo],
+        rope_heads: dict[str, int],
+        plus_one: frozenset[str] = frozenset(),
+        layer_names: dict[str, str] | None = None,
     ) -> None:
         """``infos`` maps Hugging Face names to GGUF table entries; ``rope_heads`` gives the head
         count of every tensor whose rows llama.cpp permuted for its RoPE; ``plus_one`` names the
-        norm weights that llama.cpp stored as 1 + w (Gemma), given back as w."""
+        norm weights that llama.cpp stored as 1 + w (Gemma), given back as w; ``layer_names``
+        the architecture's GGUF-to-HF layer names, to name tensors in errors as the file does."""
         self.path = path
+        self._file_names = {v: k for k, v in (_GLOBAL_NAMES | (layer_names or {})).items()}
         self._infos = infos
         self._rope_heads = rope_heads
         self._plus_one = plus_one
@@ -247,6 +254,15 @@ class GGUFTensors:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: info.shape for name, info in self._infos.items()}
+
+    def file_name(self, name: str) -> str:
+        """The GGUF name of a Hugging Face tensor name (model.layers.3.mlp.up_proj.weight is
+        blk.3.ffn_up.weight), present in the file or not."""
+        match = re.fullmatch(r"(?:model\.layers\.(\d+)\.)?(.+)\.(weight|bias)", name)
+        if not match or match.group(2) not in self._file_names:
+            return name
+        layer, part, kind = match.groups()
+        return f"{'' if layer is None else f'blk.{layer}.'}{self._file_names[part]}.{kind}"
 
     def blocks(self, name: str) -> tuple[torch.Tensor, GGMLQuantizationType] | None:
         """A matrix stored in one of ggml_blocks.MULTIPLIABLE formats as its bytes, one row of
@@ -667,7 +683,7 @@ def read_gguf(path: str | Path) -> Checkpoint:
     }
     return Checkpoint(
         hf_config=hf_config,
-        tensors=GGUFTensors(path, named, rope_heads, plus_one),
+        tensors=GGUFTensors(path, named, rope_heads, plus_one, layer_names),
         tokenizer=tokenizer,
         tokenizer_config=tokenizer_config,
         generation_config=generation_config,
