@@ -179,3 +179,13 @@ def test_the_default_load_writes_what_llama_cpp_writes():
     result = attendo.load("gemma3-270m").generate("The capital of France is", max_new_tokens=24, do_sample=False)
     assert result.text.startswith(" the capital of the country of France.")
     assert result.finish_reason == "length"
+
+
+def test_info_describes_the_layer_kinds():
+    from attendo.inspect.summary import describe
+
+    model = attendo.build("gemma3-270m", n_layers=12, dim=64, n_heads=2, head_dim=16, ffn_dim=64, vocab_size=300)
+    facts = describe(model)
+    assert "10 layers see the last 512 positions, 2 see all; q/k norms" in facts["attention"]
+    assert facts["positions"] == "rope (theta 1e+06, sliding layers 10000)"
+    assert facts["norm"].endswith("pre-norm and after each sublayer")

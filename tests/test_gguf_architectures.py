@@ -4,6 +4,7 @@ own tensor map, metadata keys, q/k rows permuted for "llama", Gemma's norms stor
 3's RoPE scaling as a rope_freqs tensor), loaded by attendo and compared with transformers.
 
 - Qwen2.5-style: q/k/v biases, tied head, byte-level BPE with Qwen's pre-tokenizer.
+- Qwen3-style: q/k norms, a head_dim that is not hidden / heads, tied head.
 - Llama 3.2-style: tied head, llama3-scaled RoPE, byte-level BPE with Llama 3's pre-tokenizer.
 - Phi-3-style: q/k/v and gate/up fused in the file, partial rotary, a sliding window, untied head,
   SentencePiece vocabulary with Phi-3's prefix rule.
@@ -65,6 +66,10 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         model_type="qwen2", arch="qwen2", tokenizer=lambda: byte_level_metadata("qwen2"),
         config={"tie_word_embeddings": True, "rope_theta": 1e6},
     ),
+    "qwen3": dict(
+        model_type="qwen3", arch="qwen3", tokenizer=lambda: byte_level_metadata("qwen2"),
+        config={"tie_word_embeddings": True, "head_dim": 24, "rope_theta": 1e6},
+    ),
     "llama3.2": dict(
         model_type="llama", arch="llama", tokenizer=lambda: byte_level_metadata("llama-bpe"),
         config={
@@ -74,7 +79,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         },
     ),
     "phi3": dict(
-        model_type="phi3", arch="phi3", tokenizer=spm_metadata,
+        model_type="phi3", arch="phi3", tokenizer=lambda: spm_metadata() | {"tokenizer.ggml.padding_token_id": 0},
         config={"tie_word_embeddings": False, "partial_rotary_factor": 0.5, "sliding_window": 6, "pad_token_id": 0},
     ),
     "gemma3": dict(
@@ -125,7 +130,7 @@ def write_model_gguf(
     rope = config.rope_parameters.get("full_attention", config.rope_parameters)
     metadata[f"{arch}.rope.freq_base"] = float(rope["rope_theta"])
     metadata[f"{arch}.rope.dimension_count"] = int(head_dim * rope.get("partial_rotary_factor", 1.0))
-    if arch == "gemma3":
+    if head_dim != config.hidden_size // config.num_attention_heads:
         metadata[f"{arch}.attention.key_length"] = metadata[f"{arch}.attention.value_length"] = head_dim
     if getattr(config, "sliding_window", None):
         metadata[f"{arch}.attention.sliding_window"] = config.sliding_window
@@ -187,6 +192,27 @@ def test_logits_and_greedy_tokens_match_the_checkpoint(written):
     with torch.no_grad():
         out = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert result.token_ids == out[0, prompt.shape[1] :].tolist()
+
+
+# What transformers' own GGUF reader cannot read right: llama.cpp's rope_freqs tensor (it drops
+# it), a Qwen3 head_dim other than hidden / heads (it ignores key_length, as Qwen3-0.6B's 128
+# against 1024 / 16 needs), Phi-3's partial rotary (Phi-4-mini's; it ignores
+# rope.dimension_count), and a Gemma 3 query scale other than its default of 256.
+TRANSFORMERS_MISREADS = {"llama3.2", "qwen3", "phi3", "gemma3"}
+
+
+def test_transformers_reading_the_same_file_agrees(written):
+    """A second reference: transformers' own GGUF reader, on prompts inside the sliding window
+    (it does not read a Phi-3 file's window)."""
+    kind, path, _ = written
+    if kind in TRANSFORMERS_MISREADS:
+        pytest.skip(f"transformers misreads a {kind} file")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    model = attendo.load(path, dtype="float32")
+    ids = torch.randint(model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(model.logits(ids), expected, rtol=0, atol=1e-4)
 
 
 def test_the_files_tokenizer_matches_transformers(written):

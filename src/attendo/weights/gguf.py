@@ -394,10 +394,15 @@ class _Architecture:
 
 # The GGUF architectures attendo reads, each as the Hugging Face model it was converted from.
 # Qwen2 has q/k/v biases but no o_proj bias, which its own model_type says (attention_bias would
-# add one). Phi-3 keeps q/k/v and gate/up fused, as its Hugging Face checkpoints do.
+# add one); Qwen3 has neither, and q/k norms. Phi-3 keeps q/k/v and gate/up fused, as its Hugging
+# Face checkpoints do.
 _ARCHITECTURES = {
     "llama": _Architecture("llama", "LlamaForCausalLM", rope_permuted=True, spells_attention_bias=True),
     "qwen2": _Architecture("qwen2", "Qwen2ForCausalLM", rope_permuted=False, spells_attention_bias=False),
+    "qwen3": _Architecture(
+        "qwen3", "Qwen3ForCausalLM", rope_permuted=False, spells_attention_bias=True,
+        layer_names=(("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")),
+    ),
     "phi3": _Architecture(
         "phi3", "Phi3ForCausalLM", rope_permuted=False, spells_attention_bias=False,
         layer_names=(("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")), more_config=_phi3_config,

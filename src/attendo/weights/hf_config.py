@@ -144,6 +144,11 @@ def _llama(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _qwen3(hf: dict[str, Any]) -> ModelConfig:
+    """Qwen2's layout without the q/k/v biases, with an RMSNorm on every query and key head."""
+    return _llama(hf).replace(qk_norm=True)
+
+
 def _gemma3(hf: dict[str, Any]) -> ModelConfig:
     """Gemma 3's text model: five sliding-window layers to one global, each kind with its own RoPE
     base (only the global one scaled), q/k norms, norms around each sublayer, RMSNorm weights
@@ -345,6 +350,7 @@ ADAPTERS: dict[str, Callable[[dict[str, Any]], ModelConfig]] = {
     "mistral": _llama,
     "qwen2": _llama,
     "phi3": _llama,
+    "qwen3": _qwen3,
     "gemma3_text": _gemma3,
     "gpt2": _gpt2,
     "bloom": _bloom,

@@ -72,17 +72,25 @@ def _phi3_rules(config: ModelConfig | None = None) -> dict[str, Rule]:
     }
 
 
-def _gemma3_rules(config: ModelConfig | None = None) -> dict[str, Rule]:
-    """LLaMA's names, but post_attention_layernorm is the norm after attention (LLaMA's before the
-    MLP), plus the pre/post feed-forward norms and the q/k norms."""
-    layer = "model.layers.{i}"
+def _qk_norm_rules(config: ModelConfig | None = None) -> dict[str, Rule]:
+    """LLaMA's names plus an RMSNorm on every query and key head (Qwen3)."""
+    attn = "model.layers.{i}.self_attn"
     return {
         **_llama_rules(config),
+        "blocks.{i}.attn.q_norm.weight": _rule(f"{attn}.q_norm.weight"),
+        "blocks.{i}.attn.k_norm.weight": _rule(f"{attn}.k_norm.weight"),
+    }
+
+
+def _gemma3_rules(config: ModelConfig | None = None) -> dict[str, Rule]:
+    """Qwen3's names, but post_attention_layernorm is the norm after attention (LLaMA's before the
+    MLP), plus the pre/post feed-forward norms."""
+    layer = "model.layers.{i}"
+    return {
+        **_qk_norm_rules(config),
         "blocks.{i}.attn_post_norm.weight": _rule(f"{layer}.post_attention_layernorm.weight"),
         "blocks.{i}.mlp_norm.weight": _rule(f"{layer}.pre_feedforward_layernorm.weight"),
         "blocks.{i}.mlp_post_norm.weight": _rule(f"{layer}.post_feedforward_layernorm.weight"),
-        "blocks.{i}.attn.q_norm.weight": _rule(f"{layer}.self_attn.q_norm.weight"),
-        "blocks.{i}.attn.k_norm.weight": _rule(f"{layer}.self_attn.k_norm.weight"),
     }
 
 
@@ -227,6 +235,7 @@ NAME_MAPS: dict[str, Callable[[ModelConfig], dict[str, Rule]]] = {
     "mistral": _llama_rules,
     "qwen2": _llama_rules,
     "phi3": _phi3_rules,
+    "qwen3": _qk_norm_rules,
     "gemma3_text": _gemma3_rules,
     "gpt2": _gpt2_rules,
     "bloom": _bloom_rules,
