@@ -24,6 +24,7 @@ class DecoderLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.window = config.sliding_window if config.has_sliding_layers else None  # read every step
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.pos_embed = (
             nn.Embedding(config.context_length + config.position_offset, config.dim)
@@ -120,12 +121,12 @@ class DecoderLM(nn.Module):
         query_positions = positions[:, :, None]
         mask = (key_positions <= query_positions)[:, None]  # (batch, 1, queries, keys)
         sliding_mask = None
-        if self.config.has_sliding_layers:  # and no key further back than the window
-            sliding_mask = mask & (key_positions > query_positions - self.config.sliding_window)[:, None]
+        if self.window is not None:  # and no key further back than the window
+            sliding_mask = mask & (key_positions > query_positions - self.window)[:, None]
         if cache is not None and not cache.fixed_shapes and positions.shape == (1, 1) and self.config.positions != "alibi":
             # One sequence's newest token sees every cached key: no mask, faster SDPA.
             mask = None
-            if kv_len <= (self.config.sliding_window or 0):
+            if kv_len <= (self.window or 0):
                 sliding_mask = None
         rope = sliding_rope = None
         if self.config.positions == "rope":
