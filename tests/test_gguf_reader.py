@@ -383,16 +383,16 @@ SPM_CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "Hello world, hello there!",
     "def add(a, b):\n    return a + b", "Numbers like 12345 and 678 appear here.",
     "Tokenizers split text into pieces.", "  leading spaces and\ttabs",
-]  # fmt: skip
+] * 20  # fmt: skip
 
 
-def sentencepiece_vocab() -> dict[str, Any]:
-    """A SentencePiece BPE vocabulary trained here (400 pieces, byte fallback, one user-defined
-    token), as llama.cpp's converter writes it into a GGUF file's metadata."""
+def sentencepiece_vocab(corpus: list[str] = SPM_CORPUS) -> dict[str, Any]:
+    """GGUF tokenizer metadata of a SentencePiece BPE model (byte fallback, "▁" for spaces)
+    trained on corpus, as llama.cpp's converter writes it."""
     spm = pytest.importorskip("sentencepiece")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SPM_CORPUS * 20), model_writer=model, model_type="bpe", vocab_size=400,
+        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=400,
         byte_fallback=True, character_coverage=1.0, user_defined_symbols=["<think>"], minloglevel=2,
     )  # fmt: skip
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
@@ -415,11 +415,10 @@ def sentencepiece_vocab() -> dict[str, Any]:
 
 def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
     vocab = sentencepiece_vocab()
-    pieces, corpus = vocab["tokenizer.ggml.tokens"], SPM_CORPUS
-    path = write_gguf(tmp_path / "spm.gguf", hf_llama(len(pieces)), tokenizer=vocab)
+    path = write_gguf(tmp_path / "spm.gguf", hf_llama(len(vocab["tokenizer.ggml.tokens"])), tokenizer=vocab)
     ckpt = read_gguf(path)
     reference = transformers_tokenizer(path)
-    for text in MIXED_TEXT + corpus[:6]:
+    for text in MIXED_TEXT + SPM_CORPUS[:6]:
         ids = ckpt.tokenizer.encode(text).ids
         assert ids == reference.encode(text), text
         assert ckpt.tokenizer.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
