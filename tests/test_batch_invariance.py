@@ -148,7 +148,7 @@ def test_k_quant_and_5_bit_weights_give_the_same_logits(wide_llama, qtype):
     assert_same_bits(model)
 
 
-@pytest.mark.slow  # compiling takes minutes on 2 cores
+@pytest.mark.slow  # compiling takes half a minute on 2 cores
 def test_compiled_decoding_gives_the_same_logits_alone_and_batched(tiny_llama_dir):
     """Networks the fused blocks cannot run (here: float16 activations) compile their decode step."""
     model = attendo.load(tiny_llama_dir, dtype="float16").speed_up("float32")

@@ -150,13 +150,11 @@ def _quantized(weights: str) -> Callable[[attendo.Model], attendo.Model]:
 
 
 @needs_compiler
-@pytest.mark.parametrize(
-    "weights, reference", [("float16", _rounded_to_half), ("int8", _quantized("int8")), ("int4", _quantized("int4"))]
-)
-def test_compiled_decode_gives_the_same_tokens(tiny_llama_dir, weights, reference):
-    """Compiling changes how the step runs, not a token: the reference is the same weights, eager."""
-    reference = reference(attendo.load(tiny_llama_dir))
-    model = attendo.load(tiny_llama_dir).speed_up(weights)
+def test_compiled_decode_gives_the_same_tokens(tiny_llama_dir):
+    """A network the fused blocks cannot run (float16 activations) gets a compiled decode step;
+    compiling changes how the step runs, not a token: the reference is the same model, eager."""
+    reference = attendo.load(tiny_llama_dir, dtype="float16")
+    model = attendo.load(tiny_llama_dir, dtype="float16").speed_up("float32")
     assert model.decode_step is not None
     # Three prompts decode as a batch of four rows (rounded up to a power of two).
     expected = reference.generate(PROMPTS, max_new_tokens=12, do_sample=False)
@@ -165,6 +163,16 @@ def test_compiled_decode_gives_the_same_tokens(tiny_llama_dir, weights, referenc
     # A second call reuses the compiled step and a seeded sample is reproducible.
     sampled = [model.generate(PROMPTS[0], max_new_tokens=8, temperature=0.9, seed=7).token_ids for _ in range(2)]
     assert sampled[0] == sampled[1] == reference.generate(PROMPTS[0], max_new_tokens=8, temperature=0.9, seed=7).token_ids
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights, reference", [("float16", _rounded_to_half), ("int8", _quantized("int8"))])
+def test_the_fast_path_of_a_fusable_network_needs_no_compiling(tiny_llama_dir, weights, reference):
+    reference = reference(attendo.load(tiny_llama_dir))
+    model = attendo.load(tiny_llama_dir).speed_up(weights)
+    assert model.decode_step is None and fused.unfusable(model.network) is None
+    got = model.generate(PROMPTS, max_new_tokens=12, do_sample=False)
+    assert [r.token_ids for r in got] == [r.token_ids for r in reference.generate(PROMPTS, max_new_tokens=12, do_sample=False)]
 
 
 def test_unknown_weight_format_is_refused(tiny_llama_dir):

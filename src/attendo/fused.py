@@ -37,7 +37,7 @@ _c_ptr, _c_int, _c_float = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
 class _Norm(ctypes.Structure):
-    _fields_ = [("weight", _c_ptr), ("bias", _c_ptr), ("eps", _c_float), ("kind", _c_int)]
+    _fields_ = [("weight", _c_ptr), ("bias", _c_ptr), ("eps", _c_float), ("offset", _c_float), ("kind", _c_int)]
 
 
 class _Part(ctypes.Structure):
@@ -50,12 +50,19 @@ class _Matrix(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [
-        *[(name, _c_int) for name in ("dim", "heads", "kv_heads", "head_dim", "ffn", "gated", "activation", "rope_dims", "window")],
+        *[(name, _c_int) for name in ("dim", "heads", "kv_heads", "head_dim", "ffn", "gated", "activation", "rope_dims", "window", "rope")],
         ("scale", _c_float),
         *[(name, _Norm) for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")],
         *[(name, _Matrix) for name in ("qkv", "out", "up", "down")],
-        ("rope_cos", _c_ptr), ("rope_sin", _c_ptr), ("alibi", _c_ptr),
+        ("alibi", _c_ptr),
     ]  # fmt: skip
+
+
+class _Rotations(ctypes.Structure):
+    _fields_ = [("cos", _c_ptr), ("sin", _c_ptr), ("sliding_cos", _c_ptr), ("sliding_sin", _c_ptr)]
+
+
+_NO_ROPE, _GLOBAL_ROPE, _SLIDING_ROPE = 0, 1, 2
 
 
 class Unfusable(Exception):
@@ -76,9 +83,9 @@ def _norm(module: nn.Module | None, what: str) -> _Norm:
     if module is None:
         return _Norm()
     if isinstance(module, RMSNorm):
-        return _Norm(_pointer(_float32(module.weight, what)), None, module.eps, 0)
+        return _Norm(_pointer(_float32(module.weight, what)), None, module.eps, module.offset, 0)
     if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-        return _Norm(_pointer(_float32(module.weight, what)), _pointer(_float32(module.bias, what)), module.eps, 1)
+        return _Norm(_pointer(_float32(module.weight, what)), _pointer(_float32(module.bias, what)), module.eps, 0.0, 1)
     raise Unfusable(f"{what} is a {type(module).__name__}")
 
 
@@ -111,17 +118,17 @@ def _matrix(module: nn.Module, what: str) -> _Matrix:
     return matrix
 
 
-def _watched(network: nn.Module) -> list[tuple[dict, str, nn.Module]]:
+def _watched(network: nn.Module) -> list[tuple[dict, str, nn.Module | None]]:
     """(parent's _modules, name, module) of every module the plan reads, and of the containers on
     the way to them: if any entry no longer holds its module, the plan is stale. Read straight
     from the dicts: nn.Module's attribute lookup would cost 0.2 ms per check for 30 blocks."""
     watched = [(network._modules, "blocks", network.blocks)]
     for index, block in enumerate(network.blocks):
         watched.append((network.blocks._modules, str(index), block))
-        for name in ("attn_norm", "mlp_norm", "attn", "mlp"):
-            watched.append((block._modules, name, block._modules[name]))
-        for parent, name in ((block.attn, "qkv"), (block.attn, "out"), (block.mlp, "up"), (block.mlp, "down")):
-            watched.append((parent._modules, name, parent._modules[name]))
+        for name in ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "attn", "mlp"):
+            watched.append((block._modules, name, block._modules.get(name)))
+        for parent, names in ((block.attn, ("qkv", "out", "q_norm", "k_norm")), (block.mlp, ("up", "down"))):
+            watched += [(parent._modules, name, parent._modules.get(name)) for name in names]
     return watched
 
 
@@ -143,14 +150,17 @@ class FusedBlocks:
             raise Unfusable(f"activation {config.activation!r}")
         layer = _Layer(
             dim=config.dim, heads=attn.n_heads, kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, ffn=config.ffn_dim,
-            gated=int(mlp.gated), activation=_ACTIVATIONS[config.activation], window=0, scale=attn.scale,
+            gated=int(mlp.gated), activation=_ACTIVATIONS[config.activation], scale=attn.scale,
+            window=config.sliding_window if attn.sliding else 0,
             attn_norm=_norm(block.attn_norm, f"{what}.attn_norm"), mlp_norm=_norm(block.mlp_norm, f"{what}.mlp_norm"),
+            post_attn_norm=_norm(block.attn_post_norm, f"{what}.attn_post_norm"),
+            post_mlp_norm=_norm(block.mlp_post_norm, f"{what}.mlp_post_norm"),
+            q_norm=_norm(attn.q_norm, f"{what}.attn.q_norm"), k_norm=_norm(attn.k_norm, f"{what}.attn.k_norm"),
             qkv=_matrix(attn.qkv, f"{what}.attn.qkv"), out=_matrix(attn.out, f"{what}.attn.out"),
             up=_matrix(mlp.up, f"{what}.mlp.up"), down=_matrix(mlp.down, f"{what}.mlp.down"),
         )  # fmt: skip
         if config.positions == "rope":
-            cos, sin = _float32(self.network.rope_cos, "rope_cos"), _float32(self.network.rope_sin, "rope_sin")
-            layer.rope_dims, layer.rope_cos, layer.rope_sin = cos.shape[-1], cos.data_ptr(), sin.data_ptr()
+            layer.rope_dims, layer.rope = config.rope_dims, _SLIDING_ROPE if attn.sliding else _GLOBAL_ROPE
         elif config.positions == "alibi":
             layer.alibi = _float32(self.network.alibi_slopes, "alibi_slopes").data_ptr()
         elif config.positions not in ("learned", "sinusoidal"):
@@ -183,10 +193,22 @@ class FusedBlocks:
         limit = min(cache.max_len, self.network.config.context_length)
         if int(flat_positions.min()) < 0 or int(flat_positions.max()) >= limit or int(flat_slots.max()) >= cache.slots:
             raise IndexError(f"positions must lie in [0, {limit}) and slots in [0, {cache.slots})")
-        status = kernels.decoder_layers(self.layers, len(self.layers), x, flat_positions, flat_slots, keys, values, cache.max_len)
+        # Each row's cos and sin, as the attention context computed them for the modules' path.
+        rows = [self._rows(pair, batch * tokens) for pair in (ctx.rope, ctx.sliding_rope)]
+        rotations = _Rotations(*(_pointer(t) for pair in rows for t in pair))
+        status = kernels.decoder_layers(
+            self.layers, len(self.layers), x, flat_positions, flat_slots, rotations, keys, values, cache.max_len
+        )
         if status != 0:
             raise MemoryError("the fused decoder ran out of memory")
         return x.view(batch, tokens, dim)
+
+    @staticmethod
+    def _rows(rope: tuple[torch.Tensor, torch.Tensor] | None, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """cos, sin (batch, 1, tokens, rope_dims) as (rows, rope_dims) float32, contiguous."""
+        if rope is None:
+            return None, None
+        return tuple(t.reshape(rows, -1).float().contiguous() for t in rope)
 
     def _cache_pointers(self, cache: KVCache) -> tuple[ctypes.Array, ctypes.Array]:
         """ctypes arrays of the cache's per-layer key and value tensors (made once per cache)."""

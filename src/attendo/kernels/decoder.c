@@ -10,9 +10,11 @@
    from those modules and checks them against the Python forward), for pre-norm blocks:
        x += post_attn_norm?( attention(attn_norm(x)) )
        x += post_mlp_norm?( mlp(mlp_norm(x)) )
-   with RMSNorm or LayerNorm; optional q/k RMSNorms per head; RoPE (rotate-half) from per-layer
-   tables, or none (positions added before the layers); ALiBi slopes; a sliding window; a gated
-   or plain feed-forward network with SiLU, GELU, tanh-GELU or ReLU; biases anywhere.
+   with RMSNorm or LayerNorm; optional q/k RMSNorms per head; RoPE (rotate-half) by the cos/sin of
+   each row's position (the call's, one pair for global and one for sliding-window layers), or
+   none (positions added before the layers); ALiBi slopes; a sliding window; a gated
+   or plain feed-forward network with SiLU, GELU, tanh-GELU or ReLU; biases anywhere; RMSNorm
+   weights stored as differences from 1 (Gemma).
 
    Each row is computed from its own values alone, in a fixed order (matmul.c, packed.c and
    attention.c's products and attention, and per-row loops here): batch-invariant. */
@@ -30,8 +32,8 @@ enum { MAX_PARTS = 4 };
 
 typedef struct {
     const float *weight, *bias; /* weight NULL: no such norm */
-    float eps;
-    int kind; /* RMS or LAYER */
+    float eps, offset;          /* RMSNorm scales by offset + weight (Gemma: 1 + weight) */
+    int kind;                   /* RMS or LAYER */
 } Norm;
 
 /* One projection: output columns [offset, offset + rows) of each part come from its matrix. */
@@ -46,14 +48,22 @@ typedef struct {
     const float *bias;
 } Matrix;
 
+enum { NO_ROPE = 0, GLOBAL_ROPE = 1, SLIDING_ROPE = 2 };
+
 typedef struct {
     int dim, heads, kv_heads, head_dim, ffn, gated, activation, rope_dims, window;
+    int rope;           /* NO_ROPE, or which of the call's cos/sin rows this layer rotates by */
     float scale;
     Norm attn_norm, mlp_norm, post_attn_norm, post_mlp_norm, q_norm, k_norm;
     Matrix qkv, out, up, down;
-    const float *rope_cos, *rope_sin; /* (positions, rope_dims), or NULL */
-    const float *alibi;               /* per head, or NULL */
+    const float *alibi; /* per head, or NULL */
 } Layer;
+
+/* The rotations of this call's rows: cos and sin (rows x rope_dims) for the global layers and,
+   where they differ (another RoPE base), for the sliding-window ones. */
+typedef struct {
+    const float *cos, *sin, *sliding_cos, *sliding_sin;
+} Rotations;
 
 /* ---- per-row pieces ---------------------------------------------------------------------- */
 
@@ -83,7 +93,7 @@ static float sum(const float *x, int n) {
 static void normalize(const Norm *norm, const float *x, int n, float *out) {
     if (norm->kind == RMS) {
         const float inverse = 1.0f / sqrtf(sum_squares(x, n) / (float)n + norm->eps);
-        for (int i = 0; i < n; i++) out[i] = x[i] * inverse * norm->weight[i];
+        for (int i = 0; i < n; i++) out[i] = x[i] * inverse * (norm->weight[i] + norm->offset);
         return;
     }
     const float mean = sum(x, n) / (float)n;
@@ -185,7 +195,8 @@ typedef struct {
 } Scratch;
 
 static void attention_block(const Layer *L, float *x, int rows, const int64_t *positions, const int64_t *slots,
-                            float *k_cache, float *v_cache, int max_len, Scratch *s, float *scores) {
+                            const Rotations *rotations, float *k_cache, float *v_cache, int max_len, Scratch *s,
+                            float *scores) {
     const int hd = L->head_dim, q_width = L->heads * hd, kv_width = L->kv_heads * hd;
     const size_t slot_stride = (size_t)L->kv_heads * max_len * hd, head_stride = (size_t)max_len * hd;
 #pragma omp for schedule(static)
@@ -209,7 +220,12 @@ static void attention_block(const Layer *L, float *x, int rows, const int64_t *p
         }
         const Norm *norm = is_key ? &L->k_norm : &L->q_norm;
         if (norm->weight) normalize(norm, head, hd, head);
-        if (L->rope_cos) rotate(head, L->rope_cos + position * L->rope_dims, L->rope_sin + position * L->rope_dims, L->rope_dims);
+        if (L->rope != NO_ROPE) {
+            const int sliding = L->rope == SLIDING_ROPE && rotations->sliding_cos;
+            const float *cos = sliding ? rotations->sliding_cos : rotations->cos;
+            const float *sin = sliding ? rotations->sliding_sin : rotations->sin;
+            rotate(head, cos + (size_t)r * L->rope_dims, sin + (size_t)r * L->rope_dims, L->rope_dims);
+        }
         if (is_key) {
             const size_t at = slots[r] * slot_stride + (h - L->heads) * head_stride + position * hd;
             memcpy(k_cache + at, head, sizeof(float) * hd);
@@ -278,7 +294,8 @@ static int widest_input(const Layer *L) {
    sequence in cache slot slots[r]; layer l's keys and values go to k_caches[l], v_caches[l]
    (slots x kv_heads x max_len x head_dim, float32). Returns 0, or -1 when memory runs out. */
 int attendo_decoder_layers(const Layer *layers, int n_layers, float *x, int rows, const int64_t *positions,
-                           const int64_t *slots, float *const *k_caches, float *const *v_caches, int max_len, int threads) {
+                           const int64_t *slots, const Rotations *rotations, float *const *k_caches,
+                           float *const *v_caches, int max_len, int threads) {
     const size_t dim = largest(layers, n_layers, dim_of), wide = largest(layers, n_layers, wide_of);
     const size_t attended = largest(layers, n_layers, attended_of), ffn = largest(layers, n_layers, ffn_of);
     const size_t input = largest(layers, n_layers, widest_input);
@@ -303,7 +320,8 @@ int attendo_decoder_layers(const Layer *layers, int n_layers, float *x, int rows
 #pragma omp barrier
             if (!failed)
                 for (int l = 0; l < n_layers; l++) {
-                    attention_block(&layers[l], x, rows, positions, slots, k_caches[l], v_caches[l], max_len, &s, scores);
+                    attention_block(&layers[l], x, rows, positions, slots, rotations, k_caches[l], v_caches[l], max_len, &s,
+                                    scores);
                     mlp_block(&layers[l], x, rows, &s);
                 }
             free(scores);
