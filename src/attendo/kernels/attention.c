@@ -26,27 +26,68 @@
 
 enum { LANES = 8 };
 
-static float dot(const float *a, const float *b, int n) {
+/* ---- scores -------------------------------------------------------------------------------
+   A key's score is q·k summed as 8 lanes by dimension (16 with AVX-512, folded to 8: lane i plus
+   lane i + 8), each lane's products added in dimension order, then the 8 lanes added by one fixed
+   tree, ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), and the dimensions past the last
+   whole vector one by one after. score8 computes 8 keys at once, reducing the 8 keys' lanes
+   together with horizontal adds (whose pairs make exactly that tree); score1 computes one key the
+   same way. So a key's score is the same bits whichever of the two computes it. */
+
+#if ATTENDO_AVX512
+enum { DOT_STEP = 16 };
+typedef __m512 DotLanes;
+ALWAYS_INLINE DotLanes lanes_zero(void) { return _mm512_setzero_ps(); }
+ALWAYS_INLINE DotLanes lanes_fma(const float *a, const float *b, DotLanes acc) {
+    return _mm512_fmadd_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b), acc);
+}
+ALWAYS_INLINE __m256 lanes_fold(DotLanes v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
+#elif defined(__AVX2__)
+enum { DOT_STEP = 8 };
+typedef __m256 DotLanes;
+ALWAYS_INLINE DotLanes lanes_zero(void) { return _mm256_setzero_ps(); }
+ALWAYS_INLINE DotLanes lanes_fma(const float *a, const float *b, DotLanes acc) {
+    return _mm256_fmadd_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b), acc);
+}
+ALWAYS_INLINE __m256 lanes_fold(DotLanes v) { return v; }
+#endif
+
+static float score1(const float *q, const float *k, int dim) {
     int i = 0;
     float total = 0.0f;
-#if ATTENDO_AVX512
-    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
-    for (; i + 32 <= n; i += 32) {
-        even = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), even);
-        odd = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), odd);
-    }
-    const __m512 both = _mm512_add_ps(even, odd);
-    total = hsum8(_mm256_add_ps(_mm512_castps512_ps256(both), _mm512_extractf32x8_ps(both, 1)));
-#elif defined(__AVX2__)
-    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-    for (; i + 2 * LANES <= n; i += 2 * LANES) {
-        even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
-        odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + LANES), _mm256_loadu_ps(b + i + LANES), odd);
-    }
-    total = hsum8(_mm256_add_ps(even, odd));
+#ifdef __AVX2__
+    DotLanes acc = lanes_zero();
+    for (; i + DOT_STEP <= dim; i += DOT_STEP) acc = lanes_fma(q + i, k + i, acc);
+    float l[8];
+    _mm256_storeu_ps(l, lanes_fold(acc));
+    total = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 #endif
-    for (; i < n; i++) total += a[i] * b[i];
+    for (; i < dim; i++) total += q[i] * k[i];
     return total;
+}
+
+/* out[0..8) = the scores of keys k, k + stride, ... k + 7·stride. */
+static void score8(const float *q, const float *k, long stride, int dim, float *out) {
+#ifdef __AVX2__
+    DotLanes acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = lanes_zero();
+    int i = 0;
+    for (; i + DOT_STEP <= dim; i += DOT_STEP)
+        for (int j = 0; j < 8; j++) acc[j] = lanes_fma(q + i, k + j * stride + i, acc[j]);
+    __m256 a[8];
+    for (int j = 0; j < 8; j++) a[j] = lanes_fold(acc[j]);
+    /* hadd pairs lanes within each 128-bit half: two rounds give, per key, (l0+l1)+(l2+l3) in the
+       low half and (l4+l5)+(l6+l7) in the high half; the halves are then added */
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* keys 0-3, keys 4-7 */
+    const __m256 low = _mm256_permute2f128_ps(u0, u1, 0x20), high = _mm256_permute2f128_ps(u0, u1, 0x31);
+    _mm256_storeu_ps(out, _mm256_add_ps(low, high));
+    for (; i < dim; i++)
+        for (int j = 0; j < 8; j++) out[j] += q[i] * k[j * stride + i];
+#else
+    for (int j = 0; j < 8; j++) out[j] = score1(q, k + j * stride, dim);
+#endif
 }
 
 /* out[0..dim) = Σ_j p[j]·v_j over keys j in [from, to) with p[j] != 0, each output value summed
@@ -101,6 +142,69 @@ static void weighted_sum(const float *p, int from, int to, const float *v, long 
             if (p[j] != 0.0f) a += p[j] * v[j * v_stride + d];
         out[d] = a;
     }
+}
+
+/* out[i][0..dim) = Σ_j p_i[j]·v_j over keys [from, to), for n <= TILE_QUERIES queries whose
+   weights are rows of p, scores_stride apart: each output value summed in key order, exactly as
+   weighted_sum sums it for one query (a weight of 0 adds nothing). */
+static void weighted_tile(int n, const float *p, long stride, int from, int to, const float *v, long v_stride, int dim,
+                          float *const *out) {
+    if (n == 1) {
+        weighted_sum(p, from, to, v, v_stride, dim, out[0]);
+        return;
+    }
+    int d = 0;
+#if ATTENDO_AVX512
+    for (; d + 64 <= dim; d += 64) {
+        __m512 a[TILE_QUERIES][4];
+        for (int i = 0; i < n; i++)
+            for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_ps();
+        for (int j = from; j < to; j++) {
+            const float *row = v + j * v_stride + d;
+            const __m512 v0 = _mm512_loadu_ps(row), v1 = _mm512_loadu_ps(row + 16);
+            const __m512 v2 = _mm512_loadu_ps(row + 32), v3 = _mm512_loadu_ps(row + 48);
+            for (int i = 0; i < n; i++) {
+                const __m512 w = _mm512_set1_ps(p[i * stride + j]);
+                a[i][0] = _mm512_fmadd_ps(w, v0, a[i][0]);
+                a[i][1] = _mm512_fmadd_ps(w, v1, a[i][1]);
+                a[i][2] = _mm512_fmadd_ps(w, v2, a[i][2]);
+                a[i][3] = _mm512_fmadd_ps(w, v3, a[i][3]);
+            }
+        }
+        for (int i = 0; i < n; i++)
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(out[i] + d + 16 * c, a[i][c]);
+    }
+#endif
+#ifdef __AVX2__
+    for (; d + 16 <= dim; d += 16) {
+        __m256 a[TILE_QUERIES][2];
+        for (int i = 0; i < n; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
+        for (int j = from; j < to; j++) {
+            const __m256 v0 = _mm256_loadu_ps(v + j * v_stride + d), v1 = _mm256_loadu_ps(v + j * v_stride + d + 8);
+            for (int i = 0; i < n; i++) {
+                const __m256 w = _mm256_set1_ps(p[i * stride + j]);
+                a[i][0] = _mm256_fmadd_ps(w, v0, a[i][0]);
+                a[i][1] = _mm256_fmadd_ps(w, v1, a[i][1]);
+            }
+        }
+        for (int i = 0; i < n; i++) {
+            _mm256_storeu_ps(out[i] + d, a[i][0]);
+            _mm256_storeu_ps(out[i] + d + 8, a[i][1]);
+        }
+    }
+    for (; d + LANES <= dim; d += LANES)
+        for (int i = 0; i < n; i++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int j = from; j < to; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[i * stride + j]), _mm256_loadu_ps(v + j * v_stride + d), a);
+            _mm256_storeu_ps(out[i] + d, a);
+        }
+#endif
+    for (; d < dim; d++)
+        for (int i = 0; i < n; i++) {
+            float a = 0.0f;
+            for (int j = from; j < to; j++) a += p[i * stride + j] * v[j * v_stride + d];
+            out[i][d] = a;
+        }
 }
 
 /* scores[0..padded) → e^(scores - top) in place; returns their sum. padded is a multiple of 8
@@ -166,7 +270,7 @@ static void attend_one(const Attention *a, int b, int h, int i, float *scores) {
             scores[j] = -INFINITY;
             continue;
         }
-        scores[j] = a->scale * dot(q, k + j * a->k_strides[2], a->dim) + added;
+        scores[j] = a->scale * score1(q, k + j * a->k_strides[2], a->dim) + added;
         top = fmaxf(top, scores[j]);
     }
     memset(out, 0, sizeof(float) * a->dim);
@@ -174,17 +278,44 @@ static void attend_one(const Attention *a, int b, int h, int i, float *scores) {
     weighted_values(scores, 0, a->keys, top, v, a->v_strides[2], a->dim, out);
 }
 
-void attend_range(const float *q, const float *k, long k_stride, const float *v, long v_stride, int first, int last,
-                  int dim, float scale, float bias_slope, int position, float *scores, float *out) {
-    const int from = first / LANES * LANES; /* lanes stay tied to key positions: see exponentiate */
-    float top = -INFINITY;
-    for (int j = from; j < first; j++) scores[j] = -INFINITY;
-    for (int j = first; j <= last; j++) {
-        scores[j] = scale * dot(q, k + j * k_stride, dim);
-        if (bias_slope != 0.0f) scores[j] += -bias_slope * (float)(position - j);
-        top = fmaxf(top, scores[j]);
+/* One tile: up to TILE_QUERIES queries of one head of one sequence (consecutive rows of a
+   prompt, or one decoding row) against the keys each may see, [first[i], last[i]] of the same
+   cache rows. Each query's result is what it would be alone: its scores by score8/score1 over
+   groups of 8 keys anchored at key 0, its own softmax, and its weighted sum in key order (a key
+   outside its range has weight exactly 0, and adding 0·v changes no bit). The tile only shares
+   the loads: each group of keys and each value row is read once for all its queries. */
+void attend_tile(int n, const float *const *q, const int *first, const int *last, const int *position,
+                 const float *k, long k_stride, const float *v, long v_stride, int dim, float scale, float bias_slope,
+                 float *scores, long scores_stride, float *const *out) {
+    int lo = first[0], hi = last[0];
+    for (int i = 1; i < n; i++) {
+        lo = first[i] < lo ? first[i] : lo;
+        hi = last[i] > hi ? last[i] : hi;
     }
-    weighted_values(scores, from, last + 1, top, v, v_stride, dim, out);
+    const int from = lo / LANES * LANES; /* lanes stay tied to key positions: see exponentiate */
+    int j = from;
+    for (; j + 8 <= hi + 1; j += 8)
+        for (int i = 0; i < n; i++) score8(q[i], k + j * k_stride, k_stride, dim, scores + i * scores_stride + j);
+    for (; j <= hi; j++)
+        for (int i = 0; i < n; i++) scores[i * scores_stride + j] = score1(q[i], k + j * k_stride, dim);
+    const int padded = (hi + 1 + LANES - 1) / LANES * LANES;
+    float totals[TILE_QUERIES];
+    for (int i = 0; i < n; i++) {
+        float *s = scores + i * scores_stride, top = -INFINITY;
+        const int own_from = first[i] / LANES * LANES;
+        for (j = from; j < first[i]; j++) s[j] = -INFINITY;
+        for (j = first[i]; j <= last[i]; j++) {
+            s[j] = scale * s[j];
+            if (bias_slope != 0.0f) s[j] += -bias_slope * (float)(position[i] - j);
+            top = fmaxf(top, s[j]);
+        }
+        for (j = last[i] + 1; j < padded; j++) s[j] = -INFINITY;
+        totals[i] = exponentiate(s + own_from, padded - own_from, top);
+        for (j = from; j < own_from; j++) s[j] = 0.0f;
+    }
+    weighted_tile(n, scores, scores_stride, from, hi + 1, v, v_stride, dim, out);
+    for (int i = 0; i < n; i++)
+        for (int d = 0; d < dim; d++) out[i][d] /= totals[i];
 }
 
 /* Returns 0, or -1 when memory runs out. */

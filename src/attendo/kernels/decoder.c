@@ -192,6 +192,7 @@ static void project(const Matrix *m, const float *x, int rows, Rounded *rounded,
 typedef struct {
     float *normed, *qkv, *attended, *projected, *hidden;
     Rounded rounded;
+    int n_tiles, *tile_start, *tile_rows; /* the rows grouped for attention (see attention_block) */
 } Scratch;
 
 static void attention_block(const Layer *L, float *x, int rows, const int64_t *positions, const int64_t *slots,
@@ -233,14 +234,24 @@ static void attention_block(const Layer *L, float *x, int rows, const int64_t *p
         }
     }
     /* the implicit barrier: every key of this step is in the cache before any query reads it */
-#pragma omp for schedule(static)
-    for (int t = 0; t < rows * L->heads; t++) {
-        const int r = t / L->heads, h = t % L->heads, kv = h / (L->heads / L->kv_heads);
-        const int position = (int)positions[r];
-        const int first = L->window > 0 && position - L->window + 1 > 0 ? position - L->window + 1 : 0;
-        const size_t base = slots[r] * slot_stride + kv * head_stride;
-        attend_range(s->qkv + (size_t)r * L->qkv.out + h * hd, k_cache + base, hd, v_cache + base, hd, first, position, hd,
-                     L->scale, L->alibi ? L->alibi[h] : 0.0f, position, scores, s->attended + (size_t)r * q_width + h * hd);
+#pragma omp for schedule(dynamic, 1)
+    for (int t = 0; t < s->n_tiles * L->heads; t++) {
+        /* a tile: up to TILE_QUERIES consecutive rows of one sequence (see attend_tile) */
+        const int start = s->tile_start[t / L->heads], n = s->tile_rows[t / L->heads], h = t % L->heads;
+        const int kv = h / (L->heads / L->kv_heads);
+        const float *q[TILE_QUERIES];
+        float *out[TILE_QUERIES];
+        int first[TILE_QUERIES], last[TILE_QUERIES], position[TILE_QUERIES];
+        for (int i = 0; i < n; i++) {
+            const int r = start + i;
+            position[i] = last[i] = (int)positions[r];
+            first[i] = L->window > 0 && position[i] - L->window + 1 > 0 ? position[i] - L->window + 1 : 0;
+            q[i] = s->qkv + (size_t)r * L->qkv.out + h * hd;
+            out[i] = s->attended + (size_t)r * q_width + h * hd;
+        }
+        const size_t base = slots[start] * slot_stride + kv * head_stride;
+        attend_tile(n, q, first, last, position, k_cache + base, hd, v_cache + base, hd, hd, L->scale,
+                    L->alibi ? L->alibi[h] : 0.0f, scores, max_len + 16, out);
     }
     project(&L->out, s->attended, rows, &s->rounded, s->projected);
 #pragma omp for schedule(static)
@@ -303,16 +314,29 @@ int attendo_decoder_layers(const Layer *layers, int n_layers, float *x, int rows
     float *floats = malloc(sizeof(float) * rows * (2 * dim + wide + attended + ffn));
     s.rounded.per_32 = malloc(rows * rounded_row_bytes(Q8_0, (int)(input + 31) / 32 * 32) + 64);
     s.rounded.per_256 = malloc(rows * rounded_row_bytes(Q4_K, (int)(input + 255) / 256 * 256) + 64);
-    int failed = floats == NULL || s.rounded.per_32 == NULL || s.rounded.per_256 == NULL;
+    s.tile_start = malloc(sizeof(int) * rows);
+    s.tile_rows = malloc(sizeof(int) * rows);
+    int failed = floats == NULL || s.rounded.per_32 == NULL || s.rounded.per_256 == NULL || !s.tile_start || !s.tile_rows;
     if (!failed) {
         s.normed = floats;
         s.projected = s.normed + rows * dim;
         s.qkv = s.projected + rows * dim;
         s.attended = s.qkv + rows * wide;
         s.hidden = s.attended + rows * attended;
+        /* runs of up to TILE_QUERIES rows of one sequence at consecutive positions (a prompt's) */
+        s.n_tiles = 0;
+        for (int r = 0; r < rows; r++) {
+            const int t = s.n_tiles - 1;
+            if (t >= 0 && s.tile_rows[t] < TILE_QUERIES && slots[r] == slots[r - 1] && positions[r] == positions[r - 1] + 1) {
+                s.tile_rows[t]++;
+            } else {
+                s.tile_start[s.n_tiles] = r;
+                s.tile_rows[s.n_tiles++] = 1;
+            }
+        }
 #pragma omp parallel num_threads(threads)
         {
-            float *scores = malloc(sizeof(float) * (max_len + 16));
+            float *scores = malloc(sizeof(float) * (max_len + 16) * TILE_QUERIES);
             if (scores == NULL) {
 #pragma omp atomic write
                 failed = 1;
@@ -330,5 +354,7 @@ int attendo_decoder_layers(const Layer *layers, int n_layers, float *x, int rows
     free(floats);
     free(s.rounded.per_32);
     free(s.rounded.per_256);
+    free(s.tile_start);
+    free(s.tile_rows);
     return failed ? -1 : 0;
 }

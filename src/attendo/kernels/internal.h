@@ -18,9 +18,12 @@ void round_rows(int format, const float *x, int in, int rows, void *rounded); /*
 void matmul_in_team(int format, int packed, const uint8_t *w, int out, int in, const float *x, const void *rounded,
                     int rows, float *y, size_t ldy); /* no barrier at the end */
 
-/* attention.c: one query against keys [first, last] of one head's cache rows; bias_slope > 0
-   adds -bias_slope·(position - j) to the score of key j (ALiBi). scores: room for last + 9. */
-void attend_range(const float *q, const float *k, long k_stride, const float *v, long v_stride, int first, int last,
-                  int dim, float scale, float bias_slope, int position, float *scores, float *out);
+/* attention.c: up to TILE_QUERIES queries of one head against keys [first[i], last[i]] of the
+   same cache rows (see attend_tile); bias_slope > 0 adds -bias_slope·(position - j) to the score
+   of key j (ALiBi). scores: TILE_QUERIES rows scores_stride apart, each with room for last + 9. */
+enum { TILE_QUERIES = 4 };
+void attend_tile(int n, const float *const *q, const int *first, const int *last, const int *position,
+                 const float *k, long k_stride, const float *v, long v_stride, int dim, float scale, float bias_slope,
+                 float *scores, long scores_stride, float *const *out);
 
 #endif
