@@ -101,9 +101,9 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     model = load_model(args)
-    prompt = read_prompt(args)
+    prompt: str | list[int] = read_prompt(args)
     if args.chat:
-        prompt = model.chat_prompt([{"role": "user", "content": prompt}])
+        prompt = model.encode_chat([{"role": "user", "content": prompt}])
     for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **generation_settings(args, model)):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -158,10 +158,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "user", "content": line})
         conversation = ([{"role": "system", "content": system}] if system else []) + messages
         try:
-            prompt = model.chat_prompt(conversation)
             reply = []
             print("assistant> ", end="", flush=True)
-            for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **generation_settings(args, model)):
+            for piece in model.stream(model.encode_chat(conversation), max_new_tokens=args.max_new_tokens, stop=args.stop, **generation_settings(args, model)):
                 reply.append(piece)
                 print(piece, end="", flush=True)
             print()

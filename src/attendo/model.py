@@ -19,6 +19,7 @@ from attendo.generation.sampler import SamplingSettings
 from attendo.tokenizer import TextTokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128
+Prompt = str | list[int]  # text, or token ids (e.g. from encode_chat)
 _SETTING_NAMES = {f.name for f in fields(SamplingSettings)}
 
 
@@ -93,7 +94,7 @@ class Model:
 
     def _requests(
         self,
-        prompts: list[str],
+        prompts: list[Prompt],
         max_new_tokens: int | None,
         stop: str | list[str] | None,
         logprobs: int | None,
@@ -106,9 +107,11 @@ class Model:
             limit = self.generation_defaults.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
         return [Request(self._encode_prompt(p), sampling, limit, stops, logprobs) for p in prompts]
 
-    def _encode_prompt(self, prompt: str) -> list[int]:
+    def _encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)  # token ids, e.g. from encode_chat; the loop checks their range
         if not isinstance(prompt, str):
-            raise InvalidSettingError(f"a prompt must be a string, got {type(prompt).__name__}")
+            raise InvalidSettingError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         ids = self.tokenizer.encode(prompt)
         if not ids and self.config.bos_token_id is not None:
             ids = [self.config.bos_token_id]  # an empty prompt means "start from scratch"
@@ -125,20 +128,20 @@ class Model:
         )
 
     @overload
-    def generate(self, prompt: str, **kwargs: Any) -> GenerationResult: ...
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> GenerationResult: ...
     @overload
-    def generate(self, prompt: list[str], **kwargs: Any) -> list[GenerationResult]: ...
+    def generate(self, prompt: list[str] | list[list[int]], **kwargs: Any) -> list[GenerationResult]: ...
 
     def generate(
         self,
-        prompt: str | list[str],
+        prompt: Prompt | list[Prompt],
         *,
         max_new_tokens: int | None = None,
         stop: str | list[str] | None = None,
         logprobs: int | None = None,
         **settings: Any,
     ) -> GenerationResult | list[GenerationResult]:
-        """Complete one prompt or a batch of prompts.
+        """Complete one prompt or a batch of prompts; a prompt is text or a list of token ids.
 
         Settings (see SamplingSettings): do_sample, temperature, top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, seed; beam search (see
@@ -146,13 +149,14 @@ class Model:
         stop: strings that end generation (not included in the text). logprobs: also return each
         chosen token's log probability and the top `logprobs` alternatives.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        single = _is_single(prompt)
+        prompts = [prompt] if single else list(prompt)
         if not prompts:
             raise InvalidSettingError("no prompts given")
         search, settings = split_beam_settings(settings, self.generation_defaults)
         requests = self._requests(prompts, max_new_tokens, stop, logprobs, settings)
         results = self._complete(requests, search)
-        return results[0] if isinstance(prompt, str) else results
+        return results[0] if single else results
 
     def _complete(self, requests: list[Request], search: BeamSettings) -> list[GenerationResult]:
         """Run requests to the end: beam search one prompt at a time, or all together in one batch."""
@@ -172,7 +176,7 @@ class Model:
 
     def stream(
         self,
-        prompt: str,
+        prompt: Prompt,
         *,
         max_new_tokens: int | None = None,
         stop: str | list[str] | None = None,
@@ -190,12 +194,18 @@ class Model:
             if event.text:
                 yield event.text
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def chat_prompt(self, messages: list[dict[str, Any]], **variables: Any) -> str:
+        """The conversation as the chat template renders it: what the model reads, for showing."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **variables)
+
+    def encode_chat(self, messages: list[dict[str, Any]], **variables: Any) -> list[int]:
+        """The conversation's token ids, text inside messages always encoded as text (see
+        TextTokenizer.encode_chat); pass them to generate or stream."""
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True, **variables)
 
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> GenerationResult:
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) with the model's chat template."""
-        return self.generate(self.chat_prompt(messages), **kwargs)
+        return self.generate(self.encode_chat(messages), **kwargs)
 
     def embed(self, texts: str | list[str], normalize: bool | None = None) -> torch.Tensor:
         """Sentence embeddings (n, dim): encoder-only models (see EncoderModel)."""
@@ -210,6 +220,11 @@ class Model:
             f"{self.source.name} is a {self.config.family} model; fill_mask needs an encoder-only model "
             "with a masked-language-model head (a BERT checkpoint such as bert-base-uncased)"
         )
+
+
+def _is_single(prompt: Any) -> bool:
+    """One prompt (text, or token ids) rather than a list of them."""
+    return isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int))
 
 
 def _check_no_ngram_ban(search: BeamSettings) -> None:
