@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from attendo.generation.beam import BeamSettings, decoder_beam_search, split_bea
 from attendo.generation.loop import Batch, Event, GenerationResult, Request, run
 from attendo.generation.sampler import SamplingSettings
 from attendo.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from attendo.prompting.grammar import Grammar, Vocabulary
 
 DEFAULT_MAX_NEW_TOKENS = 128
 Prompt = str | list[int]  # text, or token ids (e.g. from encode_chat)
@@ -32,6 +35,7 @@ class Model:
         self.generation_defaults = generation_defaults
         self.source = source
         self.decode_step: Callable[..., torch.Tensor] | None = None
+        self._vocabulary: Vocabulary | None = None  # the tokens as the grammar library sees them, made on first use
 
     def speed_up(self, weights: str = "int8", compile: bool = True) -> Model:
         """Faster decoding (see attendo.optimize): float32 matrices stored as "int8" or "int4"
@@ -99,13 +103,29 @@ class Model:
         stop: str | list[str] | None,
         logprobs: int | None,
         settings: dict[str, Any],
+        structure: dict[str, Any],
     ) -> list[Request]:
+        grammar = self.grammar(**structure)
         sampling = self.sampling_settings(**settings)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         limit = max_new_tokens  # 0 is invalid, not "use the default": check_request rejects it
         if limit is None:
             limit = self.generation_defaults.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
-        return [Request(self._encode_prompt(p), sampling, limit, stops, logprobs) for p in prompts]
+        return [Request(self._encode_prompt(p), sampling, limit, stops, logprobs, grammar) for p in prompts]
+
+    def grammar(self, *, json_schema: Any = None, regex: str | None = None) -> Grammar | None:
+        """The constraint for structured output (see attendo.prompting.grammar): a JSON Schema (a
+        dict, JSON text, or a pydantic model class; {"type": "object"} for any JSON object) or a
+        regular expression the whole output must match. None when neither is given."""
+        if json_schema is not None and regex is not None:
+            raise InvalidSettingError("give json_schema or regex, not both")
+        if json_schema is None and regex is None:
+            return None
+        if self._vocabulary is None:
+            from attendo.prompting.grammar import Vocabulary
+
+            self._vocabulary = Vocabulary(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+        return self._vocabulary.json_schema(json_schema) if json_schema is not None else self._vocabulary.regex(regex)
 
     def _encode_prompt(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -139,6 +159,8 @@ class Model:
         max_new_tokens: int | None = None,
         stop: str | list[str] | None = None,
         logprobs: int | None = None,
+        json_schema: Any = None,
+        regex: str | None = None,
         **settings: Any,
     ) -> GenerationResult | list[GenerationResult]:
         """Complete one prompt or a batch of prompts; a prompt is text or a list of token ids.
@@ -147,14 +169,18 @@ class Model:
         repetition_penalty, presence_penalty, frequency_penalty, seed; beam search (see
         BeamSettings): num_beams, length_penalty, early_stopping, no_repeat_ngram_size.
         stop: strings that end generation (not included in the text). logprobs: also return each
-        chosen token's log probability and the top `logprobs` alternatives.
+        chosen token's log probability and the top `logprobs` alternatives. json_schema or regex:
+        structured output (see `grammar`): every token keeps the text inside the schema or regex,
+        and a finished text ("stop") matches it; cut off by max_new_tokens ("length"), it is a
+        prefix of a match.
         """
         single = _is_single(prompt)
         prompts = [prompt] if single else list(prompt)
         if not prompts:
             raise InvalidSettingError("no prompts given")
         search, settings = split_beam_settings(settings, self.generation_defaults)
-        requests = self._requests(prompts, max_new_tokens, stop, logprobs, settings)
+        requests = self._requests(prompts, max_new_tokens, stop, logprobs, settings, {"json_schema": json_schema, "regex": regex})
+        _check_no_grammar(requests, search)
         results = self._complete(requests, search)
         return results[0] if single else results
 
@@ -180,19 +206,25 @@ class Model:
         *,
         max_new_tokens: int | None = None,
         stop: str | list[str] | None = None,
+        json_schema: Any = None,
+        regex: str | None = None,
         **settings: Any,
-    ) -> Iterator[str]:
-        """Text pieces as they are generated; joined, they equal generate(...).text.
+    ) -> Generator[str, None, GenerationResult]:
+        """Text pieces as they are generated; joined, they equal generate(...).text. The
+        generator's return value (StopIteration.value) is the GenerationResult.
 
         Beam search only knows its best sequence at the end: it yields the whole text at once."""
         search, settings = split_beam_settings(settings, self.generation_defaults)
-        requests = self._requests([prompt], max_new_tokens, stop, None, settings)
+        requests = self._requests([prompt], max_new_tokens, stop, None, settings, {"json_schema": json_schema, "regex": regex})
+        _check_no_grammar(requests, search)
         if search.num_beams > 1:
-            yield self._complete(requests, search)[0].text
-            return
+            result = self._complete(requests, search)[0]
+            yield result.text
+            return result
         for event in self._events(requests, search):
             if event.text:
                 yield event.text
+        return event.sequence.result()
 
     def chat_prompt(self, messages: list[dict[str, Any]], **variables: Any) -> str:
         """The conversation as the chat template renders it: what the model reads, for showing."""
@@ -225,6 +257,11 @@ class Model:
 def _is_single(prompt: Any) -> bool:
     """One prompt (text, or token ids) rather than a list of them."""
     return isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int))
+
+
+def _check_no_grammar(requests: list[Request], search: BeamSettings) -> None:
+    if search.num_beams > 1 and any(r.grammar is not None for r in requests):
+        raise InvalidSettingError("json_schema and regex work with greedy decoding or sampling, not beam search")
 
 
 def _check_no_ngram_ban(search: BeamSettings) -> None:

@@ -28,7 +28,9 @@ def _raise_template_error(message: str) -> None:
     raise InvalidSettingError(f"chat template: {message}")
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
+def template_environment() -> jinja2.Environment:
+    """The sandboxed jinja2 environment for every template attendo renders (chat templates here,
+    prompt templates in attendo.prompting): a template can read its variables, never Python."""
     # The same environment Hugging Face renders chat templates in, so the text matches
     # apply_chat_template: block trimming, loop controls, a non-escaping tojson, raise_exception.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -38,6 +40,10 @@ def _environment() -> ImmutableSandboxedEnvironment:
     env.globals["raise_exception"] = _raise_template_error
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    return template_environment().from_string(source)
 
 
 class TextTokenizer:
@@ -59,7 +65,7 @@ class TextTokenizer:
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
-        self._template = _environment().from_string(chat_template) if chat_template else None
+        self._template = _compile_template(chat_template) if chat_template else None
         self.special_texts = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
         # A copy that never matches special tokens in its input: user text through it stays text.
         self._plain = Tokenizer.from_str(tokenizer.to_str())
@@ -113,7 +119,7 @@ class TextTokenizer:
         """Whether the chat template reads a `tools` variable (the transformers convention)."""
         if self.chat_template is None:
             return False
-        return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(self.chat_template))
+        return "tools" in jinja2.meta.find_undeclared_variables(template_environment().parse(self.chat_template))
 
     def encode_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables: Any
