@@ -26,12 +26,12 @@ class Pet(BaseModel):
     age: int = Field(ge=0, le=30)
 
 
-def long_context(tiny_llama_dir: Path, directory: Path, **generation: object) -> Path:
-    """A copy of the tiny LLaMA with a 512-token window (RoPE has no table that length would
+def long_context(tiny_llama_dir: Path, directory: Path, window: int = 512, **generation: object) -> Path:
+    """A copy of the tiny LLaMA with a longer window (RoPE has no table that length would
     change), so a chat prompt leaves room for a whole JSON answer."""
     copy = copy_model(tiny_llama_dir, directory)
     config = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": window}))
     return with_generation_config(copy, **generation) if generation else copy
 
 

@@ -85,7 +85,6 @@ def _call_schema(function: Function) -> dict[str, Any]:
         "properties": {"name": {"const": function.name}, "arguments": function.parameters},
         "required": ["name", "arguments"],
         "additionalProperties": False,
-        "x-guidance": JSON_LAYOUT,
     }
 
 
@@ -105,6 +104,7 @@ def tool_grammar(
         except GrammarError as e:
             raise GrammarError(f"function {function.name!r}: parameters: {str(e).removeprefix('json_schema: ')}") from None
     schema = _call_schema(called[0]) if len(called) == 1 else {"anyOf": [_call_schema(f) for f in called]}
+    schema["x-guidance"] = JSON_LAYOUT  # read at the top of each %json only
     repeat = ' ("\\n" call)*' if parallel and choice in ("auto", "required") else ""
     answer = "TEXT" if answer_schema is None else f"%json {json.dumps({**schema_of(answer_schema), 'x-guidance': JSON_LAYOUT})}"
     lines = [

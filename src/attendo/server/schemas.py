@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from attendo.server.errors import bad_request
 
@@ -219,12 +219,17 @@ class ChatBody(GenerationBody):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_needs_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        if choice is not None and not info.data.get("tools"):
+            raise ValueError("tool_choice is only allowed when tools are given")
+        return choice
+
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatBody:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        if self.tool_choice is not None and not self.tools:
-            raise ValueError("tool_choice is only allowed when tools are given")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
