@@ -140,12 +140,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt = model.encode_chat([{"role": "user", "content": prompt}])
     settings = generation_settings(args, model)
     pieces = model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **settings)
-    result = yield_to(pieces, sys.stdout)
+    result = write_stream(pieces, sys.stdout)
     sys.stdout.write("\n")
     check_complete(result, settings)
 
 
-def yield_to(pieces: Any, out: Any) -> Any:
+def write_stream(pieces: Any, out: Any) -> Any:
     """Write each streamed piece as it comes; the stream's GenerationResult at the end."""
     while True:
         try:
@@ -206,7 +206,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print("assistant> ", end="", flush=True)
             settings = generation_settings(args, model)
             pieces = model.stream(model.encode_chat(conversation), max_new_tokens=args.max_new_tokens, stop=args.stop, **settings)
-            result = yield_to(pieces, sys.stdout)
+            result = write_stream(pieces, sys.stdout)
             print()
             check_complete(result, settings)
         except AttendoError as e:

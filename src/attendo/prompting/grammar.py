@@ -119,15 +119,16 @@ class Vocabulary:
 
     `width` is the model's logits width, which may exceed the tokenizer's vocabulary (rows padded
     for speed): llguidance is told the full width and never allows a padding id. A model without
-    an end-of-sequence token still needs one for llguidance; a special token stands in for it and
-    is masked out, so such a model ends only when the grammar is finished or at the length limit.
+    an end-of-sequence token still needs one for llguidance; a special token (or, with none, the
+    last id) stands in for it and is masked out, so such a model ends only when the grammar is
+    finished or at the length limit.
     """
 
     def __init__(self, tokenizer: TextTokenizer, width: int, eos_ids: list[int]) -> None:
         stand_in: list[int] = []
         if not eos_ids:
-            specials = [tokenizer.token_to_id(t) for t in tokenizer.special_texts]
-            stand_in = [min(i for i in specials if i is not None)] if specials else [0]
+            specials = [i for i in map(tokenizer.token_to_id, tokenizer.special_texts) if i is not None]
+            stand_in = [min(specials)] if specials else [width - 1]
         self.tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=width, eos_token=eos_ids or stand_in)
         self.width = width
         self.words = (width + 31) // 32

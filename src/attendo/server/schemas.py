@@ -148,15 +148,19 @@ class ToolCall(_Body):
 
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # the call a tool message answers
+    content: str | list[dict[str, Any]] | None = Field(None, validate_default=True)  # after the fields it checks
 
     @field_validator("content")
     @classmethod
-    def _text_only(cls, content: str | list[dict[str, Any]] | None) -> str | None:
-        if content is None or isinstance(content, str):
+    def _text_only(cls, content: str | list[dict[str, Any]] | None, info: ValidationInfo) -> str | None:
+        if content is None:
+            if not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+                raise ValueError("content is required, except in an assistant message with tool_calls")
+            return content
+        if isinstance(content, str):
             return content
         parts = []
         for part in content:
@@ -166,9 +170,7 @@ class Message(_Body):
         return "".join(parts)
 
     @model_validator(mode="after")
-    def _content_or_calls(self) -> Message:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required, except in an assistant message with tool_calls")
+    def _tool_call_id(self) -> Message:
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs the tool_call_id of the call it answers")
         return self
