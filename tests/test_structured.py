@@ -217,6 +217,14 @@ def test_too_few_tokens_is_length_and_a_clear_cli_error(tiny_llama, tiny_llama_d
     assert err.startswith("attendo: error: the output was cut off after 3 tokens") and err.count("\n") == 1
 
 
+def test_chat_command_constrains_every_reply(tiny_llama_dir, capsys, monkeypatch):
+    lines = iter(["Is the sky blue?", "And grass?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "-m", str(tiny_llama_dir), "--regex", "(yes|no)", "-n", "5", "--seed", "1"]) == 0
+    replies = capsys.readouterr().out.splitlines()
+    assert len(replies) == 2 and all(r in ("assistant> yes", "assistant> no") for r in replies), replies
+
+
 def test_cli_json_schema_and_regex(tiny_llama, tiny_llama_dir, tmp_path, capsys):
     schema_file = tmp_path / "schema.json"
     schema_file.write_text(json.dumps(SCHEMAS["bounded-numbers"]))

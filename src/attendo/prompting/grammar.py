@@ -8,7 +8,8 @@ where the output is complete), the sampler drops the others, and the chosen toke
 state. When the grammar admits nothing more, the sequence ends.
 
 llguidance parses lazily (an Earley parser over a lexer built on the fly), so a grammar is ready
-in about a millisecond whatever its size, and a mask over 49k tokens costs about 0.1 ms.
+in about a millisecond whatever its size, and a mask over SmolLM2's 49k tokens costs 0.04 to
+0.6 ms (benchmarks/bench_structured.py), against 13-22 ms for a decode step.
 """
 
 from __future__ import annotations
@@ -50,13 +51,24 @@ def schema_of(json_schema: Any) -> dict[str, Any]:
     return json_schema
 
 
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")  # name -> schema
+_VALUES = ("enum", "const", "default", "examples")  # JSON values, not schemas
+
+
 def _closed(schema: Any) -> Any:
     """Every object schema that names its properties and says nothing of others allows none."""
     if isinstance(schema, list):
         return [_closed(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    closed = {key: _closed(value) for key, value in schema.items()}
+    closed = {}
+    for key, value in schema.items():
+        if key in _VALUES:
+            closed[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            closed[key] = {name: _closed(sub) for name, sub in value.items()}
+        else:
+            closed[key] = _closed(value)
     if "properties" in schema and "additionalProperties" not in schema:
         closed["additionalProperties"] = False
     return closed
