@@ -17,7 +17,9 @@ def _raise_template_error(message: str) -> None:
     raise InvalidSettingError(f"chat template: {message}")
 
 
-def _compile_template(source: str) -> jinja2.Template:
+def template_environment() -> jinja2.Environment:
+    """The sandboxed jinja2 environment for every template attendo renders (chat templates here,
+    prompt templates in attendo.prompting): a template can read its variables, never Python."""
     # The same environment Hugging Face renders chat templates in, so the text matches
     # apply_chat_template: block trimming, loop controls, a non-escaping tojson, raise_exception.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -26,7 +28,11 @@ def _compile_template(source: str) -> jinja2.Template:
     )
     env.globals["raise_exception"] = _raise_template_error
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+    return env
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    return template_environment().from_string(source)
 
 
 class TextTokenizer:
