@@ -33,7 +33,7 @@ def show_prompt(prompt: Any, file: Any = sys.stderr) -> None:
 
 
 def cmd_prompt(args: argparse.Namespace) -> None:
-    from attendo.prompting.templates import PromptTemplate, choose_examples, complete, render_prompt, read_examples
+    from attendo.prompting.templates import PromptTemplate, choose_examples, read_examples, render_prompt
 
     variables = parse_variables(args.var or [])
     template = PromptTemplate.from_file(args.template)
@@ -50,9 +50,17 @@ def cmd_prompt(args: argparse.Namespace) -> None:
         return
     if args.show_prompt:
         show_prompt(prompt)
-    settings = generation_settings(args, model)
-    result = complete(model, prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **settings)
-    print(result.text)
+    stream_completion(model, prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **generation_settings(args, model))
+
+
+def stream_completion(model: Any, prompt: Any, **generation: Any) -> None:
+    """Print the model's completion of a rendered prompt as it is generated."""
+    from attendo.prompting.templates import with_prompt_stops
+
+    for piece in model.stream(prompt.token_ids, **with_prompt_stops(prompt, generation)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 def register(commands: Any) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -204,10 +204,14 @@ def completion_text(turns: Turns) -> str:
 class RenderedPrompt:
     text: str  # exactly what the model reads (for a chat model, after its chat template)
     messages: list[dict[str, str]] | None  # the chat turns; None for a completion prompt
-    token_count: int
+    token_ids: list[int]  # what the model is given
     window: int  # the model's context length
     shots: int  # examples in the prompt
     stop: tuple[str, ...]  # where an answer ends when turns are laid out as text ("\nInput:")
+
+    @property
+    def token_count(self) -> int:
+        return len(self.token_ids)
 
 
 def render_prompt(
@@ -249,18 +253,27 @@ def render_prompt(
 def layout_prompt(
     model: Any, template: PromptTemplate, variables: dict[str, Any], examples: list[Example], input: str | None, chat: bool
 ) -> RenderedPrompt:
-    """render_prompt without the context-window check (for callers that check their own way)."""
-    turns = prompt_turns(template, variables, examples, input)
+    """render_prompt without the context-window check (for callers that check their own way).
+
+    Text the caller passed in (variable values, examples, the input) is always encoded as text:
+    special-token text in it never becomes a control token (the tokenizer's encode_chat and
+    encode_rendered); the template's own text is encoded with special tokens recognised."""
+    data = {"variables": variables, "examples": [asdict(e) for e in examples], "input": input}
+
+    def turns_of(data: dict[str, Any]) -> Turns:
+        return prompt_turns(template, data["variables"], [Example(**e) for e in data["examples"]], data["input"])
+
+    turns = turns_of(data)
     if chat:
         messages: list[dict[str, str]] | None = chat_messages(turns)
-        text = model.chat_prompt(messages)
+        text, ids = model.chat_prompt(messages), model.encode_chat(messages)
         stop: tuple[str, ...] = ()
     else:
         messages = None
         text = completion_text(turns)
+        ids = model.tokenizer.encode_rendered(lambda marked: completion_text(turns_of(marked)), data)
         stop = ("\n" + INPUT_LABEL,) if turns.followed else ()
-    tokens = len(model.tokenizer.encode(text))
-    return RenderedPrompt(text, messages, tokens, model.config.context_length, len(examples), stop)
+    return RenderedPrompt(text, messages, ids, model.config.context_length, len(examples), stop)
 
 
 def new_token_budget(model: Any, max_new_tokens: int | None) -> int:
@@ -280,10 +293,12 @@ def largest_fitting(count: int, fits: Callable[[int], bool]) -> int | None:
 
 
 def complete(model: Any, prompt: RenderedPrompt, **kwargs: Any) -> Any:
-    """Generate from a rendered prompt: through the chat template for chat turns (Model.chat), as
-    text otherwise, ending where an answer laid out as text ends."""
-    if prompt.messages is not None:
-        return model.chat(prompt.messages, **kwargs)
-    stops = kwargs.pop("stop", None)
+    """Generate from a rendered prompt's token ids, ending where an answer laid out as text ends."""
+    return model.generate(prompt.token_ids, **with_prompt_stops(prompt, kwargs))
+
+
+def with_prompt_stops(prompt: RenderedPrompt, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Generation keyword arguments with the prompt's own stop strings added to any given."""
+    stops = kwargs.get("stop")
     stops = [stops] if isinstance(stops, str) else list(stops or [])
-    return model.generate(prompt.text, stop=stops + list(prompt.stop), **kwargs)
+    return {**kwargs, "stop": stops + list(prompt.stop)}

@@ -85,7 +85,7 @@ def _optional(score: float | None) -> str:
 def cmd_ask(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from attendo.prompting.commands import show_prompt
+    from attendo.prompting.commands import show_prompt, stream_completion
     from attendo.prompting.templates import PromptTemplate, complete
     from attendo.retrieval.answer import Answer, retrieve_prompt
     from attendo.retrieval.index import Index
@@ -104,14 +104,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
         text = complete(model, prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **settings).text
         print(json.dumps(Answer(text, passages, prompt).as_dict(), ensure_ascii=False))
         return
-    stream_answer(model, prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **settings)
-
-
-def stream_answer(model: Any, prompt: Any, stop: list[str] | None = None, **generation: Any) -> None:
-    for piece in model.stream(prompt.text, stop=(stop or []) + list(prompt.stop), **generation):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    stream_completion(model, prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **settings)
 
 
 def register(commands: Any) -> None:
