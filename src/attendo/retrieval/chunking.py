@@ -30,7 +30,7 @@ class Document:
 
 def find_documents(folder: str | Path, extensions: frozenset[str] = TEXT_EXTENSIONS) -> list[Document]:
     """The text files under `folder` (or `folder` itself, if it is a file), in a stable order;
-    hidden files and folders (a name starting with ".") are skipped."""
+    hidden files and folders (a name starting with ".") are skipped. None is an error."""
     root = Path(folder)
     if root.is_file():
         return [Document(root.as_posix(), root)]
@@ -47,6 +47,8 @@ def find_documents(folder: str | Path, extensions: frozenset[str] = TEXT_EXTENSI
             path = Path(directory) / name
             if not name.startswith(".") and path.suffix.lower() in extensions:
                 found.append(Document(path.as_posix(), path))
+    if not found:
+        raise RetrievalError(f"no text files ({', '.join(sorted(extensions)[:6])}, ...) under {folder}")
     return found
 
 

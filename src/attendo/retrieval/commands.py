@@ -15,8 +15,10 @@ from attendo.cli import add_generation_options, add_model_options, generation_se
 def cmd_index(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from attendo.retrieval.chunking import find_documents
     from attendo.retrieval.index import Index
 
+    find_documents(args.folder)  # a folder with nothing to index fails before any model loads
     console = Console(stderr=True)
     db = Path(args.db)
     new = not db.exists()

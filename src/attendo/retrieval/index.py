@@ -162,9 +162,8 @@ class Index:
             else:
                 pending.append((document, found, text))
                 (report.changed if known else report.added).append(document.source)
-        if not documents or len(report.skipped) == len(documents):
-            kinds = "" if documents else " (.md, .txt, .rst and other plain-text files)"
-            raise RetrievalError(f"no readable text files{kinds} under {folder}" + _first(report.skipped))
+        if len(report.skipped) == len(documents):
+            raise RetrievalError(f"no readable text files under {folder}: {report.skipped[0]}")
         present = {d.source for d in documents}
         report.removed = [s for s in indexed if s not in present and _under(s, folder)]
 
@@ -213,10 +212,6 @@ def _reason(error: Exception) -> str:
     if isinstance(error, UnicodeDecodeError):
         return "not UTF-8 text"
     return getattr(error, "strerror", None) or str(error)
-
-
-def _first(skipped: list[str]) -> str:
-    return f" ({skipped[0]})" if skipped else ""
 
 
 def _under(source: str, folder: str | Path) -> bool:

@@ -60,12 +60,16 @@ def connect(path: str | Path) -> Any:
     module = sqlite_module()
     try:
         connection = module.connect(str(path), isolation_level=None, check_same_thread=False)
+    except module.Error as e:
+        raise RetrievalError(f"cannot open index {path}: {e}") from None
+    try:
         connection.enable_load_extension(True)
         sqlite_vec.load(connection)
         connection.enable_load_extension(False)
         connection.execute("PRAGMA journal_mode = WAL")  # readers keep reading while an index updates
     except module.Error as e:
-        raise RetrievalError(f"cannot open index {path}: {e}") from None
+        connection.close()
+        raise RetrievalError(f"{path} is not an attendo index: {e}") from None
     return connection
 
 
