@@ -27,7 +27,7 @@ from attendo.retrieval.sqlite_store import SQLiteStore
 from attendo.retrieval.store import IndexSettings, RetrievalError
 
 ENCODER = "all-minilm-l6-v2"
-NOTES = Path(__file__).resolve().parent.parent / "data" / "rag" / "course-notes.md"
+NOTES = Path(__file__).resolve().parent.parent / "data" / "rag" / "docs" / "course-notes.md"
 DOCUMENTS = {
     "attention.md": "# Attention\n\nSelf-attention lets every token weigh every other token. "
     "Multi-head attention runs several heads in parallel, each learning a different relation.",
