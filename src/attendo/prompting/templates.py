@@ -41,13 +41,13 @@ from jinja2 import meta
 from jinja2.exceptions import SecurityError
 
 from attendo.errors import AttendoError, ContextLengthError, InvalidSettingError, UnsupportedModelError
+from attendo.model import DEFAULT_MAX_NEW_TOKENS
 from attendo.tokenizer import template_environment
 
 EXAMPLES = "examples"
 INPUT = "input"
 INPUT_LABEL = "Input:"
 OUTPUT_LABEL = "Output:"
-DEFAULT_MAX_NEW_TOKENS = 128  # as Model.generate, when a call does not say
 
 
 class PromptTemplateError(AttendoError):

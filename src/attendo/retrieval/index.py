@@ -25,8 +25,8 @@ from attendo.retrieval.chunking import Document, chunk_text, find_documents, val
 from attendo.retrieval.store import Chunk, Fingerprint, IndexSettings, RetrievalError, Store
 
 DEFAULT_ENCODER = "all-minilm-l6-v2"
-DEFAULT_CHUNK_TOKENS = 128
-DEFAULT_OVERLAP = 32
+DEFAULT_CHUNK_TOKENS = 64
+DEFAULT_OVERLAP = 16
 EMBED_BATCH = 32
 
 
