@@ -34,6 +34,7 @@ from attendo.errors import AttendoError, ContextLengthError, UnsupportedModelErr
 from attendo.generation.loop import Request as GenerationRequest
 from attendo.generation.loop import TokenLogprob, check_request
 from attendo.model import Model
+from attendo.prompting.grammar import Grammar
 from attendo.server import responses as openai
 from attendo.server import retrieval_routes
 from attendo.server.errors import APIError, bad_request, queue_full, unavailable
@@ -48,6 +49,7 @@ from attendo.server.schemas import (
     parse,
 )
 from attendo.server.served import Served, ServedModels, ServerSettings
+from attendo.server.structured import conversation, plan_chat
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the window
 JSON_TYPES = ("application/json",)
@@ -92,7 +94,8 @@ async def check_api_key(request: Request) -> None:
 
 
 def generation_requests(
-    served: Served, body: GenerationBody, prompts: list[list[int]], logprobs: int | None, default_max: int | None, param: str
+    served: Served, body: GenerationBody, prompts: list[list[int]], logprobs: int | None, default_max: int | None, param: str,
+    grammar: Grammar | None = None,
 ) -> list[GenerationRequest]:
     """n requests per prompt (choice index = prompt * n + choice), each with its own seed."""
     model = served.model
@@ -124,7 +127,7 @@ def generation_requests(
                 code="context_length_exceeded",
             )
         for sampling in settings:
-            request = GenerationRequest(ids, sampling, max_tokens, tuple(body.stop or ()), logprobs)
+            request = GenerationRequest(ids, sampling, max_tokens, tuple(body.stop or ()), logprobs, grammar)
             try:  # the generation loop's own checks, as the last word
                 check_request(request, served.window, vocab)
             except ContextLengthError as e:
@@ -318,13 +321,10 @@ async def chat_completions(request: Request) -> Response:
     models = _models(request)
     body = parse(ChatBody, await read_json(request, models.settings.max_body_bytes))
     served = models.generator(body.model)
-    try:
-        prompt = served.prompts.chat([m.as_dict() for m in body.messages])
-    except AttendoError as e:  # no chat template, or the template refused the conversation
-        raise bad_request(str(e), param="messages") from None
-    requests = generation_requests(served, body, [prompt], body.logprobs_count, None, "messages")
+    plan = plan_chat(served, body)  # the prompt, and the grammar of a structured reply or tool calls
+    requests = generation_requests(served, body, [plan.prompt], body.logprobs_count, None, "messages", plan.grammar)
     flight = start(request, served, requests)
-    id, created, prompt_tokens = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), len(prompt)
+    id, created, prompt_tokens = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), len(plan.prompt)
 
     def logprobs(entries: list[TokenLogprob]) -> dict | None:
         return openai.chat_logprobs(entries) if body.logprobs else None
@@ -336,9 +336,8 @@ async def chat_completions(request: Request) -> Response:
             return Response(status_code=499)
         finally:
             flight.close()
-        result = [
-            openai.chat_choice(i, "".join(c.text), logprobs(c.logprobs), c.finish_reason) for i, c in enumerate(choices)
-        ]
+        replies = [plan.message("".join(c.text), c.finish_reason or "stop") for c in choices]
+        result = [openai.chat_choice(i, m, logprobs(c.logprobs), f) for i, (c, (m, f)) in enumerate(zip(choices, replies))]
         usage = openai.usage(prompt_tokens, sum(c.tokens for c in choices))
         return JSONResponse(openai.chat_completion(id, created, body.model, result) | {"usage": usage})
 
@@ -358,10 +357,13 @@ async def chat_completions(request: Request) -> Response:
                 generated += delta.token_id >= 0
                 if delta.logprob is not None:
                     pending[delta.index].append(delta.logprob)
-                if delta.text:
-                    yield chunk(delta.index, {"content": delta.text}, logprobs(pending.pop(delta.index, [])), None)
+                for piece in plan.deltas(delta.index, delta.text):
+                    yield chunk(delta.index, piece, logprobs(pending.pop(delta.index, [])), None)
                 if delta.finish_reason:
-                    yield chunk(delta.index, {}, logprobs(pending.pop(delta.index, [])), delta.finish_reason)
+                    last, finish_reason = plan.finish(delta.index, delta.finish_reason)
+                    for piece in last:
+                        yield chunk(delta.index, piece, logprobs(pending.pop(delta.index, [])), None)
+                    yield chunk(delta.index, {}, logprobs(pending.pop(delta.index, [])), finish_reason)
             if body.include_usage:
                 usage = openai.usage(prompt_tokens, generated)
                 yield openai.sse(openai.chat_chunk(id, created, body.model, []) | {"usage": usage})
@@ -414,12 +416,15 @@ async def tokenize(request: Request) -> dict[str, Any]:
     tokenizer = served.model.tokenizer
     try:
         if body.messages is not None:
-            ids = served.prompts.chat([m.as_dict() for m in body.messages])
+            messages, variables = conversation(served, body.messages, body.tools)
+            ids = served.prompts.chat(messages, **variables)
         else:
             ids = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
     except AttendoError as e:
         raise bad_request(str(e), param="messages") from None
     result: dict[str, Any] = {"count": len(ids), "max_model_len": served.window, "tokens": ids}
+    if body.messages is not None:  # what the model reads, tools and all
+        result["prompt"] = tokenizer.decode(ids, skip_special_tokens=False)
     if body.return_token_strs:
         result["token_strs"] = [tokenizer.token_text(i) for i in ids]
     return result

@@ -19,5 +19,5 @@ class PromptEncoder:
     def text(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
-    def chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+    def chat(self, messages: list[dict[str, Any]], **variables: Any) -> list[int]:
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True, **variables)

@@ -70,8 +70,9 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text, "refusal": None}
+def chat_choice(index: int, text: str | dict[str, Any], logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
+    """text: the reply's content, or its message fields (content and tool_calls)."""
+    message = {"role": "assistant", "refusal": None} | ({"content": text} if isinstance(text, str) else text)
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 

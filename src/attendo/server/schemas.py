@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from attendo.server.errors import bad_request
 
@@ -135,15 +135,28 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]]
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
     @field_validator("content")
     @classmethod
-    def _text_only(cls, content: str | list[dict[str, Any]]) -> str:
-        if isinstance(content, str):
+    def _text_only(cls, content: str | list[dict[str, Any]] | None) -> str | None:
+        if content is None or isinstance(content, str):
             return content
         parts = []
         for part in content:
@@ -152,10 +165,48 @@ class Message(_Body):
             parts.append(part["text"])
         return "".join(parts)
 
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required, except in an assistant message with tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
     def as_dict(self) -> dict[str, Any]:
         # The OpenAI "developer" role is the system role of older templates.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.content} | ({"name": self.name} if self.name else {})
+        extra = {"name": self.name, "tool_call_id": self.tool_call_id,
+                 "tool_calls": [c.model_dump() for c in self.tool_calls] if self.tool_calls else None}  # fmt: skip
+        return {"role": role, "content": self.content} | {k: v for k, v in extra.items() if v}
+
+
+class JSONSchemaFormat(_Body):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatBody(GenerationBody):
@@ -163,6 +214,17 @@ class ChatBody(GenerationBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None  # checked by attendo.prompting.tools, which names the problem
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_needs_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        if choice is not None and not info.data.get("tools"):
+            raise ValueError("tool_choice is only allowed when tools are given")
+        return choice
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatBody:
@@ -209,6 +271,7 @@ class TokenizeBody(_Body):
     model: str = Field(min_length=1)
     prompt: str | None = None
     messages: list[Message] | None = None
+    tools: list[dict[str, Any]] | None = None  # with messages: the prompt a chat with these tools reads
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
@@ -229,9 +292,10 @@ class DetokenizeBody(_Body):
 Body = TypeVar("Body", bound=BaseModel)
 _FIELD_NAMES = {
     name
-    for kind in (CompletionBody, ChatBody, Message, StreamOptions, EmbeddingBody, TokenizeBody, DetokenizeBody)
+    for kind in (CompletionBody, ChatBody, Message, StreamOptions, EmbeddingBody, TokenizeBody, DetokenizeBody,
+                 ResponseFormat, JSONSchemaFormat, ToolCall, FunctionCall, NamedToolChoice)
     for name in kind.model_fields
-}
+} | {"schema"}
 
 
 def parse(kind: type[Body], data: Any) -> Body:
