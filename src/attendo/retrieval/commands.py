@@ -70,13 +70,14 @@ class _Bars:
 
 def show_passages(passages: list[Any], console: Any) -> None:
     """Each passage: its number for citing, source and scores, then its text (shortened)."""
+    from rich.padding import Padding
     from rich.text import Text
 
     for number, p in enumerate(passages, 1):
         scores = f"score {p.score:.4f} (cosine {_optional(p.vector_score)}, keywords {_optional(p.keyword_score)})"
         console.print(Text.assemble((f"[{number}] ", "bold"), (p.source, "cyan"), "  ", (scores, "dim")))
         text = " ".join(p.text.split())
-        console.print(Text("    " + (text if len(text) <= 300 else text[:300] + "…")), soft_wrap=False)
+        console.print(Padding(Text(text if len(text) <= 300 else text[:300] + "…"), (0, 0, 0, 4)))
 
 
 def _optional(score: float | None) -> str:
