@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -353,9 +354,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     models = args.model or [DEFAULT_MODEL]
     for name in models:
         resolve(name)  # a name that points at nothing fails now, not in the background
+    indexes = dict(pair.partition("=")[::2] for pair in args.index or [])
+    for name, path in indexes.items():
+        if not name or not os.path.isfile(path):
+            raise UsageError(f"--index takes NAME=FILE with FILE an index made by `attendo index`, got {name}={path}")
     settings = ServerSettings(
         models=models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-        max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace,
+        max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace, indexes=indexes,
     )  # fmt: skip
     if args.threads:
         import torch
@@ -366,7 +371,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 # The commands of larger capabilities live beside them: each module's `register(commands)` adds its
 # subcommands with the options above.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("attendo.prompting.commands", "attendo.retrieval.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-len", type=int, default=2048, help="tokens per sequence, prompt + completion (default 2048)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds open requests may finish after SIGTERM")
+    p.add_argument("--index", action="append", metavar="NAME=FILE",
+                   help="serve a retrieval index (attendo index) as NAME: /v1/retrieve, /v1/indexes/NAME/chat/completions")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_serve)

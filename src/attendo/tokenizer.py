@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -130,14 +131,20 @@ class TextTokenizer:
         prompt encoded whole, exactly as apply_chat_template's text. Otherwise each such string is
         rendered as a placeholder and encoded on its own (see `_PlaceholderRender`).
         """
-        prompt = self.apply_chat_template(messages, add_generation_prompt, **variables)
-        if not _has_special_leaf((messages, variables), self.special_texts):
-            return self.encode(prompt)
-        render = _PlaceholderRender(self.special_texts)
-        marked_messages, marked_variables = render.mark((messages, variables))
-        rendered = self.apply_chat_template(marked_messages, add_generation_prompt, **marked_variables)
+        return self.encode_rendered(
+            lambda data: self.apply_chat_template(data[0], add_generation_prompt, **data[1]), (messages, variables)
+        )
+
+    def encode_rendered(self, render: Callable[[Any], str], data: Any) -> list[int]:
+        """The ids of render(data), every string inside data (nested in dicts, lists and tuples)
+        encoded as plain text and the rest with special tokens recognised: what encode_chat does
+        for a chat template, for any template (attendo.prompting's prompt templates)."""
+        if not _has_special_leaf(data, self.special_texts):
+            return self.encode(render(data))
+        placeholders = _PlaceholderRender(self.special_texts)
+        rendered = render(placeholders.mark(data))
         ids = list(self._prefix)
-        for is_value, piece in render.split(rendered):
+        for is_value, piece in placeholders.split(rendered):
             ids += self.encode_plain(piece) if is_value else self.encode(piece, add_special_tokens=False) if piece else []
         return ids + self._suffix
 

@@ -1,2 +1,3 @@
-"""Prompt engineering: structured output (grammar.py, the sampler's grammar stage) and tool calls
+"""Prompt engineering: templates and few-shot examples (templates.py) with the `attendo prompt`
+command (commands.py), structured output (grammar.py, the sampler's grammar stage) and tool calls
 (tools.py)."""

@@ -30,6 +30,7 @@ class ServerSettings:
     max_body_bytes: int = 4 * 2**20
     dtype: str | None = None
     shutdown_grace: float = 30.0  # seconds open generations may run on after SIGTERM
+    indexes: dict[str, str] = field(default_factory=dict)  # retrieval indexes: name -> index file
 
     def __post_init__(self) -> None:
         limits = {"max_batch": (self.max_batch, 1), "max_queue": (self.max_queue, 0), "max_len": (self.max_len, 2),
