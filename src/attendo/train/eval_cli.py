@@ -46,7 +46,7 @@ RUN_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "model": str, "adapter": _adapter, "dtype": str, "chat": _flag,
     "max_new_tokens": int, "greedy": _flag, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
     "repetition_penalty": float, "seed": int, "num_beams": int, "length_penalty": float,
-    "no_repeat_ngram_size": int,
+    "no_repeat_ngram_size": int, "json_schema": str, "regex": str,
 }  # fmt: skip
 _SAMPLING = ("temperature", "top_k", "top_p", "min_p")
 # Metrics where lower is better (the table marks the best run of each column).
@@ -78,8 +78,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=None, help="perplexity: tokens per window (default min(context, 1024))")
     p.add_argument("--stride", type=int, default=None, help="perplexity: tokens between window starts (default window / 2)")
     p.add_argument("--chat", action="store_true", help="data: wrap each prompt in the model's chat template as a user message")
-    p.add_argument("--regex", default=None, help="data: also report the share of answers in which this pattern is found")
-    p.add_argument("--json-valid", action="store_true", help="data: also report the share of answers that are valid JSON")
+    p.add_argument("--match-regex", default=None, metavar="PATTERN",
+                   help="data: also report regex_match, the share of answers in which this pattern is found")
+    p.add_argument("--valid-json", action="store_true", help="data: also report json_valid, the share of answers that are valid JSON")
     p.add_argument("--batch-size", type=int, default=8, help="data: prompts generated together (default 8)")
     p.add_argument("--limit", type=int, default=None, help="data: only the first N examples")
     p.add_argument("--vary", action="append", default=[], metavar="SETTING=A,B,...",
@@ -99,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UsageError("--out must name a .json or .csv file")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UsageError("--batch-size and --limit must be at least 1")
-    checks = evaluate.Checks(_pattern(args.regex), args.json_valid)
+    checks = evaluate.Checks(_pattern(args.match_regex), args.valid_json)
     runs = build_runs(args)
     if args.perplexity:
         text = perplexity.read_text(args.perplexity)
@@ -227,7 +228,7 @@ def _pattern(regex: str | None) -> re.Pattern[str] | None:
     try:
         return re.compile(regex)
     except re.error as e:
-        raise UsageError(f"--regex {regex!r} is not a valid regular expression ({e})") from None
+        raise UsageError(f"--match-regex {regex!r} is not a valid regular expression ({e})") from None
 
 
 @contextmanager
