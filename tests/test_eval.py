@@ -8,6 +8,8 @@ import csv
 import json
 import math
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,27 +23,10 @@ from conftest import TOKENIZER_CORPUS, copy_model
 from test_seq2seq import MAKERS
 
 transformers = pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from eval_perplexity import transformers_perplexity  # noqa: E402  (the reference: transformers' guide)
 
 TEXT = "\n".join(TOKENIZER_CORPUS * 4)
-
-
-def _reference_perplexity(reference, ids: torch.Tensor, window: int, stride: int) -> float:
-    """transformers' perplexity guide: labels -100 on the context, the model's own mean loss
-    weighted by the number of tokens it scored."""
-    total, scored, reached = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + window, len(ids))
-        chunk = ids[begin:end][None]
-        labels = chunk.clone()
-        labels[:, : max(reached, begin) - begin] = -100
-        counted = int((labels[:, 1:] != -100).sum())
-        with torch.no_grad():
-            total += float(reference(chunk, labels=labels).loss) * counted
-        scored += counted
-        reached = end
-        if end == len(ids):
-            break
-    return math.exp(total / scored)
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "gpt2"])
@@ -52,7 +37,7 @@ def test_perplexity_equals_transformers(tiny_model, kind):
     assert len(ids) > 200
     for window, stride in ((64, 24), (64, 64), (128, 100)):
         ours = perplexity(model, TEXT, window, stride)
-        expected = _reference_perplexity(reference, ids, window, stride)
+        expected, _ = transformers_perplexity(reference, ids, window, stride)
         assert abs(ours.perplexity / expected - 1) < 1e-3, (window, stride)
         assert ours.tokens == len(ids) - 1 - (len(ids) - 1) // window * (stride == window)
     short = TOKENIZER_CORPUS[1]
@@ -183,7 +168,7 @@ def test_bad_eval_input_exits_2(tiny_model, tmp_path, tmp_path_factory, capsys):
         ([t5, "--perplexity", text], "needs a decoder-only model"),
         ([llama, "--perplexity", text, "--window", "1000"], "window must be between 2 and the model's context length 128"),
         ([llama, "--perplexity", text, "--vary", "temprature=1"], "unknown setting 'temprature'"),
-        ([llama, "--data", text, "--regex", "("], "not a valid regular expression"),
+        ([llama, "--data", text, "--match-regex", "("], "not a valid regular expression"),
     ]
     for extra, message in cases:
         argv = ["eval", "-m", *extra]
