@@ -1,6 +1,6 @@
 """Perplexity of the bundled SmolLM2 on a text: attendo beside transformers, with the same token ids.
 
-    .venv/bin/python benchmarks/eval_perplexity.py [--text README.md] [--window 512] [--stride 256]
+    .venv/bin/python benchmarks/eval_perplexity.py [--text data/rag/docs/course-notes.md] [--window 512] [--stride 256]
 
 - attendo, as `attendo eval --perplexity` runs it: the GGUF's Q4_1 blocks as they are (the
   default), then dequantized to float32 (dtype="float32");
@@ -55,7 +55,7 @@ def _vector_flags() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--text", default=str(Path(__file__).parents[1] / "README.md"))
+    parser.add_argument("--text", default="data/rag/docs/course-notes.md")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)

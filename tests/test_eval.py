@@ -175,3 +175,38 @@ def test_bad_eval_input_exits_2(tiny_model, tmp_path, tmp_path_factory, capsys):
         assert main(argv) == 2, extra
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (extra, err)
+
+
+def test_zero_one_few_shot_comparison_with_a_template(tiny_model, tmp_path, capsys):
+    """--vary shots=0,1,2: each run's answers are what 13b's prompting API generates from the
+    same template, examples and input."""
+    from attendo.prompting.templates import PromptTemplate, choose_examples, complete, read_examples, render_prompt
+
+    directory = tiny_model("llama-gqa")[0]
+    (tmp_path / "task.jinja").write_text("Answer about {{ topic }}.")
+    (tmp_path / "shots.jsonl").write_text(
+        "\n".join(json.dumps({"input": i, "output": o}) for i, o in [("Hello", "world"), ("The capital", "Paris"), ("one", "two")])
+    )
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "reference": "Tokyo"}) for p in ["The capital of Japan", "def add"]))
+    argv = ["eval", "-m", str(directory), "--data", str(data), "--template", str(tmp_path / "task.jinja"),
+            "--var", "topic=cities", "--examples", str(tmp_path / "shots.jsonl"), "--vary", "shots=0,1,2",
+            "--completion", "-n", "5", "--out", str(tmp_path / "shots.json")]  # fmt: skip
+    assert main(argv) == 0
+    runs = json.loads((tmp_path / "shots.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["llama-gqa0 shots=0", "llama-gqa0 shots=1", "llama-gqa0 shots=2"]
+    model = attendo.load(directory)
+    template, pool = PromptTemplate.from_file(tmp_path / "task.jinja"), read_examples(tmp_path / "shots.jsonl")
+    for shots, run in enumerate(runs):
+        expected = []
+        for prompt in ["The capital of Japan", "def add"]:
+            rendered = render_prompt(model, template, {"topic": "cities"}, choose_examples(pool, shots), prompt, False, 5)
+            expected.append(complete(model, rendered, max_new_tokens=5, do_sample=False).text)
+        assert [a["answer"] for a in run["answers"]] == expected, shots
+
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert 'data.jsonl:1: a conversation ("messages") cannot be laid out' in capsys.readouterr().err
+    assert main(["eval", "-m", str(directory), "--data", str(data), "--shots", "2"]) == 2
+    assert "--shots needs --examples" in capsys.readouterr().err

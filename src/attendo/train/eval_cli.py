@@ -41,12 +41,16 @@ def _adapter(value: Any) -> str | None:
     return None if value in (None, "", "none") else str(value)
 
 
+_optional = _adapter  # a file setting that "none" turns off
+
+
 # What a run may change (the option names' argparse destinations) and how a value is read.
 RUN_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "model": str, "adapter": _adapter, "dtype": str, "chat": _flag,
     "max_new_tokens": int, "greedy": _flag, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
     "repetition_penalty": float, "seed": int, "num_beams": int, "length_penalty": float,
-    "no_repeat_ngram_size": int, "json_schema": str, "regex": str,
+    "no_repeat_ngram_size": int, "json_schema": _optional, "regex": _optional,
+    "template": _optional, "examples": _optional, "shots": int, "shots_seed": int, "completion": _flag,
 }  # fmt: skip
 _SAMPLING = ("temperature", "top_k", "top_p", "min_p")
 # Metrics where lower is better (the table marks the best run of each column).
@@ -60,6 +64,7 @@ class Run:
     changes: dict[str, Any]
     metrics: dict[str, float | int] | None = None
     answers: list[str] | None = None
+    prompting: tuple[Any, list[Any]] | None = None  # (PromptTemplate, few-shot examples) when templated
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -81,6 +86,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--match-regex", default=None, metavar="PATTERN",
                    help="data: also report regex_match, the share of answers in which this pattern is found")
     p.add_argument("--valid-json", action="store_true", help="data: also report json_valid, the share of answers that are valid JSON")
+    t = p.add_argument_group("prompts (data)", "lay each prompt out with a template and few-shot examples (see attendo prompt)")
+    t.add_argument("--template", default=None, metavar="FILE", help="a Jinja prompt template; the example's prompt is its `input`")
+    t.add_argument("--examples", default=None, metavar="FILE.jsonl", help='few-shot examples, one {"input", "output"} per line')
+    t.add_argument("--shots", type=int, default=None, metavar="K", help="how many examples (default: all); --vary shots=0,1,5 compares")
+    t.add_argument("--shots-seed", type=int, default=None, metavar="SEED", help="take the examples at random with this seed")
+    t.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="a template variable (repeatable)")
+    t.add_argument("--completion", action="store_true", help="lay the prompt out as plain text even for a chat model")
     p.add_argument("--batch-size", type=int, default=8, help="data: prompts generated together (default 8)")
     p.add_argument("--limit", type=int, default=None, help="data: only the first N examples")
     p.add_argument("--vary", action="append", default=[], metavar="SETTING=A,B,...",
@@ -102,6 +114,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UsageError("--batch-size and --limit must be at least 1")
     checks = evaluate.Checks(_pattern(args.match_regex), args.valid_json)
     runs = build_runs(args)
+    for run in runs:
+        run.prompting = _prompting(run.options)
     if args.perplexity:
         text = perplexity.read_text(args.perplexity)
         for run, model in _models(runs):
@@ -110,9 +124,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         examples = evaluate.read_examples(args.data)[: args.limit]
         references = [e.reference for e in examples]
         for run, model in _models(runs):
-            prompts = [e.prompt_text(model, run.options.chat) for e in examples]
+            prompts, stops = _prompts(run, model, examples, args.data)
+            generate = _generate_options(run.options, model)
+            generate["stop"] = [*(generate["stop"] or []), *stops]
             with _progress(run.name, len(prompts), quiet=args.json) as advance:
-                answers = evaluate.answer(model, prompts, args.batch_size, _generate_options(run.options, model), advance)
+                answers = evaluate.answer(model, prompts, args.batch_size, generate, advance)
             run.answers = answers.texts
             run.metrics = {
                 **evaluate.score(answers.texts, references, checks),
@@ -208,6 +224,45 @@ def _models(runs: list[Run]) -> Iterator[tuple[Run, Any]]:
             model = None  # let the previous one go before the next loads
             model, loaded_key = load_model(o), key
         yield run, model
+
+
+def _prompting(options: argparse.Namespace) -> tuple[Any, list[Any]] | None:
+    """The run's template (an empty one when only examples are given: they and the prompt then
+    follow as turns) and its few-shot examples; None when the run sends prompts as they are.
+    Read and checked before any model loads."""
+    if options.template is None and options.examples is None:
+        if options.shots:
+            raise UsageError("--shots needs --examples FILE.jsonl")
+        return None
+    from attendo.prompting.templates import PromptTemplate, choose_examples, read_examples
+
+    template = PromptTemplate.from_file(options.template) if options.template else PromptTemplate("", "(no template)")
+    chosen = []
+    if options.examples is not None:
+        pool = read_examples(options.examples)
+        chosen = choose_examples(pool, len(pool) if options.shots is None else options.shots, options.shots_seed)
+    elif options.shots:
+        raise UsageError("--shots needs --examples FILE.jsonl")
+    return template, chosen
+
+
+def _prompts(run: Run, model: Any, examples: list[Any], data: str) -> tuple[list[str | list[int]], list[str]]:
+    """Every example's prompt for this run, and the stop strings its layout adds (a text layout
+    of turns ends an answer where the next "Input:" would start)."""
+    if run.prompting is None:
+        return [e.prompt_for(model, run.options.chat) for e in examples], []
+    from attendo.prompting.commands import parse_variables
+    from attendo.prompting.templates import render_prompt
+
+    template, shots = run.prompting
+    variables = parse_variables(run.options.var)
+    rendered = []
+    for e in examples:
+        if e.prompt is None:
+            raise UsageError(f'{data}:{e.line}: a conversation ("messages") cannot be laid out with a template or examples')
+        chat = False if run.options.completion else None
+        rendered.append(render_prompt(model, template, variables, shots, e.prompt, chat, run.options.max_new_tokens))
+    return [r.token_ids for r in rendered], list(rendered[0].stop)
 
 
 def _generate_options(options: argparse.Namespace, model: Any) -> dict[str, Any]:
