@@ -101,9 +101,8 @@ def test_cli_compares_models_adapters_and_settings(tiny_model, tmp_path, capsys)
     table = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     names = [r["name"] for r in results["runs"]]
-    assert names == ["llama-gqa0 temperature=0.0", "llama-gqa0 temperature=1.5", "llama-gqa0 + lora temperature=0.0",
-                     "llama-gqa0 + lora temperature=1.5"]  # fmt: skip
-    assert all(name in table for name in ("exact_match", "rougeL", "answers to 3 prompts", "temperature=1.5"))
+    assert names == ["base temperature=0.0", "base temperature=1.5", "+ lora temperature=0.0", "+ lora temperature=1.5"]
+    assert all(name in table for name in ("exact", "rougeL", "eval of llama-gqa0: answers to 3 prompts", "+ lora temperature=1.5"))
     greedy, _, adapted_greedy, _ = results["runs"]
     assert [a["answer"] for a in greedy["answers"]] == answers
     assert greedy["metrics"]["exact_match"] == 1.0 and greedy["metrics"]["rouge1"] == 1.0
@@ -194,7 +193,7 @@ def test_zero_one_few_shot_comparison_with_a_template(tiny_model, tmp_path, caps
             "--completion", "-n", "5", "--out", str(tmp_path / "shots.json")]  # fmt: skip
     assert main(argv) == 0
     runs = json.loads((tmp_path / "shots.json").read_text())["runs"]
-    assert [r["name"] for r in runs] == ["llama-gqa0 shots=0", "llama-gqa0 shots=1", "llama-gqa0 shots=2"]
+    assert [r["name"] for r in runs] == ["shots=0", "shots=1", "shots=2"]
     model = attendo.load(directory)
     template, pool = PromptTemplate.from_file(tmp_path / "task.jinja"), read_examples(tmp_path / "shots.jsonl")
     for shots, run in enumerate(runs):

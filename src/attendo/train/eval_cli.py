@@ -158,15 +158,14 @@ def build_runs(args: argparse.Namespace) -> list[Run]:
                 raise UsageError(f"--vary {name} given twice (repeat --model/--adapter instead of varying them)")
             axes[name] = values
         changes = [dict(zip(axes, combination)) for combination in itertools.product(*axes.values())]
-    varied = {k for k in set().union(*changes) if len({repr(c.get(k)) for c in changes}) > 1 and k != "name"}
+    first = {"model": (args.model or [DEFAULT_MODEL])[0], "adapter": _adapter((args.adapter or [None])[0])}
     runs = []
     for change in changes:
-        first = {"model": (args.model or [DEFAULT_MODEL])[0], "adapter": _adapter((args.adapter or [None])[0])}
-        options = argparse.Namespace(**{**vars(args), **first})
-        for key, value in change.items():
-            if key != "name":
-                setattr(options, key, value)
-        runs.append(Run(change.get("name") or _run_name(options, change, varied), options, change))
+        options = argparse.Namespace(**{**vars(args), **first, **{k: v for k, v in change.items() if k != "name"}})
+        runs.append(Run(change.get("name", ""), options, change))
+    varied = [k for k in RUN_SETTINGS if len({repr(getattr(r.options, k)) for r in runs}) > 1]
+    for run in runs:
+        run.name = run.name or _run_name(run.options, varied)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise UsageError(f"two runs are both named {next(n for n in names if names.count(n) > 1)!r}")
@@ -207,11 +206,24 @@ def _read_runs_file(path: Path) -> list[dict[str, Any]]:
     return checked
 
 
-def _run_name(options: argparse.Namespace, change: dict[str, Any], varied: set[str]) -> str:
-    name = Path(options.model).name
-    if options.adapter:
-        name += f" + {Path(options.adapter).name}"
-    return " ".join([name, *(f"{k}={change[k]}" for k in change if k in varied and k not in ("model", "adapter"))])
+def _run_name(options: argparse.Namespace, varied: list[str]) -> str:
+    """What sets the run apart from the others (the table's title names what they share)."""
+    parts = []
+    for key in varied:
+        value = getattr(options, key)
+        if key == "model":
+            parts.append(Path(value).name)
+        elif key == "adapter":
+            parts.append(f"+ {Path(value).name}" if value else "base")
+        elif key in ("template", "examples", "json_schema"):
+            parts.append(f"{key}={Path(value).name if value else 'none'}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts) or _model_label(options)
+
+
+def _model_label(options: argparse.Namespace) -> str:
+    return Path(options.model).name + (f" + {Path(options.adapter).name}" if options.adapter else "")
 
 
 def _models(runs: list[Run]) -> Iterator[tuple[Run, Any]]:
@@ -301,7 +313,13 @@ def _metric_names(runs: Sequence[Run]) -> list[str]:
     return list(dict.fromkeys(k for r in runs for k in r.metrics or {}))
 
 
+# Short column headings, so that a comparison fits an 80-column terminal (JSON and CSV use the names).
+_HEADINGS = {"exact_match": "exact", "regex_match": "regex", "json_valid": "json", "seconds": "sec"}
+_NOT_RANKED = ("tokens", "windows", "seconds")
+
+
 def _print_table(runs: list[Run], args: argparse.Namespace) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -310,19 +328,25 @@ def _print_table(runs: list[Run], args: argparse.Namespace) -> None:
         title = f"perplexity of {args.perplexity}"
     else:
         title = f"answers to {runs[0].metrics['examples']} prompts of {args.data}"
-    table = Table(title=f"attendo eval: {title}")
-    table.add_column("run", overflow="fold")  # a cut name is no use; the numbers are never cut
+    labels = {_model_label(r.options) for r in runs}  # every run on one model (and adapter): say it once
+    models = {Path(r.options.model).name for r in runs}
+    shared = labels.pop() if len(labels) == 1 else models.pop() if len(models) == 1 else None
+    title = f"attendo eval of {shared}: {title}" if shared else f"attendo eval: {title}"
+    shortened = [f"{_HEADINGS[n]} = {n}" for n in names if n in _HEADINGS and n != "seconds"]
+    table = Table(title=title, caption="; ".join(shortened) or None, box=box.SIMPLE_HEAD)
+    table.add_column("run", min_width=min(16, max(len(r.name) for r in runs)))
     best = {}
     for name in names:
-        table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
-        if len(runs) > 1 and name not in ("tokens", "windows", "seconds"):
+        heading = _HEADINGS.get(name, name)
+        table.add_column(heading, justify="right", no_wrap=True, min_width=len(heading))
+        if len(runs) > 1 and name not in _NOT_RANKED:
             values = [r.metrics[name] for r in runs]
             best[name] = min(values) if name in _LOWER_IS_BETTER else max(values)
     for run in runs:
         cells = []
         for name in names:
             value = run.metrics[name]
-            text = f"{value:.4f}" if isinstance(value, float) and name != "seconds" else str(value)
+            text = str(value) if not isinstance(value, float) or name == "seconds" else f"{value:.4f}" if value > 1 else f"{value:.3f}"
             cells.append(f"[bold]{text}[/bold]" if name in best and value == best[name] else text)
         table.add_row(run.name, *cells)
     Console().print(table)
