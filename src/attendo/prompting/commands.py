@@ -20,12 +20,13 @@ def parse_variables(pairs: list[str]) -> dict[str, str]:
     return variables
 
 
-def show_prompt(prompt: Any, file: Any = sys.stderr) -> None:
-    """The prompt exactly as the model reads it, between two rules that give its size."""
+def show_prompt(prompt: Any, file: Any = None) -> None:
+    """The prompt exactly as the model reads it, between two rules that give its size (on
+    standard error unless a file is given: looked up when called, not when this module loads)."""
     from rich.console import Console
     from rich.text import Text
 
-    console = Console(file=file, highlight=False)
+    console = Console(file=file or sys.stderr, highlight=False)
     shots = f", {prompt.shots} example{'s' * (prompt.shots != 1)}" if prompt.shots else ""
     console.rule(f"prompt: {prompt.token_count} of {prompt.window} tokens{shots}", style="dim")
     console.print(Text(prompt.text), soft_wrap=True)  # as is: no markup, no highlighting, no wrapping
