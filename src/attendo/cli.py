@@ -30,6 +30,10 @@ def add_model_options(parser: argparse.ArgumentParser, default: str = DEFAULT_MO
     )
 
 
+def add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply (e.g. from attendo finetune --lora)")
+
+
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("generation")
     g.add_argument("--max-new-tokens", "-n", type=int, default=None, help="most tokens to generate (default 128)")
@@ -122,7 +126,8 @@ def load_model(args: argparse.Namespace) -> Any:
 
     fast = getattr(args, "fast", False)
     # Quantizing while loading keeps only one block in float32 at a time.
-    model = load(args.model, dtype=args.fast_weights if fast and args.fast_weights in QUANTIZED_FORMATS else args.dtype)
+    dtype = args.fast_weights if fast and args.fast_weights in QUANTIZED_FORMATS else args.dtype
+    model = load(args.model, dtype=dtype, adapter=getattr(args, "adapter", None))
     return model.speed_up(args.fast_weights or "int8") if fast else model
 
 
@@ -361,6 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServerSettings(
         models=models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
         max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace, indexes=indexes,
+        adapters=_served_adapters(args.adapter or [], models),
     )  # fmt: skip
     if args.threads:
         import torch
@@ -369,9 +375,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def _served_adapters(specs: list[str], models: list[str]) -> dict[str, str]:
+    """--adapter [NAME=]DIR flags as {served name: directory}, each checked now."""
+    from pathlib import Path
+
+    from attendo.train.lora import read_adapter_config
+
+    adapters = {}
+    for spec in specs:
+        name, _, directory = spec.rpartition("=")
+        name = name or Path(directory).name
+        read_adapter_config(Path(directory))
+        if name in models or name in adapters:
+            raise UsageError(f"--adapter {spec!r}: the name {name!r} is already served (give NAME=DIR)")
+        adapters[name] = directory
+    return adapters
+
+
 # The commands of larger capabilities live beside them: each module's `register(commands)` adds its
 # subcommands with the options above.
-COMMAND_MODULES: tuple[str, ...] = ("attendo.prompting.commands", "attendo.retrieval.commands")
+COMMAND_MODULES: tuple[str, ...] = ("attendo.prompting.commands", "attendo.retrieval.commands", "attendo.train.eval_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,12 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user message")
     add_model_options(p)
+    add_adapter_option(p)
     add_generation_options(p)
     p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("chat", help="a multi-turn conversation in the terminal")
     p.add_argument("--system", default=None, help="a system prompt")
     add_model_options(p)
+    add_adapter_option(p)
     add_generation_options(p)
     p.set_defaults(run=cmd_chat)
 
@@ -437,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", action="append", default=None,
                    help=f"a model to serve, requested by this name (repeatable; default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default=None, help="weights in memory, as for generate (default: as the file stores them)")
+    p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                   help="also serve the first --model with this LoRA adapter, as model NAME (default: the directory's name; repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (not on /health)")

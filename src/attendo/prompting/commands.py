@@ -22,7 +22,7 @@ def parse_variables(pairs: list[str]) -> dict[str, str]:
 
 def show_prompt(prompt: Any, file: Any = None) -> None:
     """The prompt exactly as the model reads it, between two rules that give its size (on
-    standard error unless another file is given)."""
+    standard error unless a file is given: looked up when called, not when this module loads)."""
     from rich.console import Console
     from rich.text import Text
 

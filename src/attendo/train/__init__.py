@@ -1,0 +1,1 @@
+"""Adapting and measuring models: training, fine-tuning, LoRA adapters (PEFT format) and evaluation."""
