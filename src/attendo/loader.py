@@ -81,12 +81,12 @@ def load_weights(
         rule, sources = found
         missing = [s for s in sources if s not in available]
         if missing:
-            raise CheckpointError(f"{tensors.path}: missing tensor {missing[0]} (needed for {name})")
+            raise CheckpointError(f"{tensors.path}: missing tensor {_spelled(tensors, missing[0])} (needed for {name})")
         # One-byte stand-ins with the sources' shapes: cheap to combine, and unlike meta tensors
         # they keep torch's slow-to-import Python reference kernels out of a cold start.
         combined = rule.combine([torch.empty(available[s], dtype=torch.bool) for s in sources])
         if combined.shape != parameter.shape:
-            shapes = ", ".join(f"{s} {list(available[s])}" for s in sources)
+            shapes = ", ".join(f"{_spelled(tensors, s)} {list(available[s])}" for s in sources)
             raise CheckpointError(
                 f"{tensors.path}: {shapes} does not fit the config, which implies {list(parameter.shape)} for {name}"
             )
@@ -103,6 +103,12 @@ def load_weights(
         block = _block_of(name)
         if settle is not None and block and (index + 1 == len(plan) or _block_of(plan[index + 1][0]) != block):
             settle(network.get_submodule(block))
+
+
+def _spelled(tensors: TensorSource, name: str) -> str:
+    """A tensor's name as its file spells it, when that differs from the Hugging Face name."""
+    file_name = getattr(tensors, "file_name", None)
+    return name if file_name is None or file_name(name) == name else f"{file_name(name)} ({name})"
 
 
 def _stored_blocks(tensors: TensorSource, rule: Rule, sources: tuple[str, ...]) -> tuple[torch.Tensor, Q] | None:
@@ -207,9 +213,17 @@ def _tokenizer(checkpoint: Checkpoint, path: Path) -> TextTokenizer:
     )
 
 
+_CONFIG_GENERATION_KEYS = ("forced_bos_token_id", "forced_eos_token_id")
+
+
 def _generation_defaults(checkpoint: Checkpoint, config: ModelConfig) -> dict:
     """The checkpoint's generation_config.json: sampling defaults and every id that ends generation."""
     generation = dict(checkpoint.generation_config)
+    # Older checkpoints (BART's among them) keep generation settings in config.json, which
+    # transformers reads when generation_config.json does not set them.
+    for key in _CONFIG_GENERATION_KEYS:
+        if key not in generation and checkpoint.hf_config.get(key) is not None:
+            generation[key] = checkpoint.hf_config[key]
     stop_ids = set(config.eos_token_ids) | set(token_ids(generation.pop("eos_token_id", None)))
     generation["eos_token_ids"] = sorted(stop_ids)
     return generation

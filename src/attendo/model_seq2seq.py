@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from attendo.errors import CheckpointError
-from attendo.generation.beam import BeamSettings
+from attendo.generation.beam import BeamSettings, ForcedTokens
 from attendo.generation.loop import Event, GenerationResult, Request
 from attendo.generation.seq2seq import seq2seq_beam_search, seq2seq_events
 from attendo.model import Model, _as_batch
@@ -27,6 +27,11 @@ class Seq2SeqModel(Model):
             if candidate is not None:
                 return int(candidate)
         raise CheckpointError(f"{self.source}: the config names no decoder_start_token_id")
+
+    @property
+    def forced_tokens(self) -> ForcedTokens:
+        """forced_bos_token_id / forced_eos_token_id from the generation config (see ForcedTokens)."""
+        return ForcedTokens.from_defaults(self.generation_defaults)
 
     @property
     def pad_token_id(self) -> int:
@@ -70,7 +75,8 @@ class Seq2SeqModel(Model):
         if search.num_beams > 1:
             return [
                 seq2seq_beam_search(
-                    self.network, self.tokenizer, self.eos_token_ids, r, search, self.decoder_start_token_id, self.pad_token_id
+                    self.network, self.tokenizer, self.eos_token_ids, r, search, self.decoder_start_token_id,
+                    self.pad_token_id, self.forced_tokens,
                 )
                 for r in requests
             ]
@@ -89,4 +95,5 @@ class Seq2SeqModel(Model):
             self.decoder_start_token_id,
             self.pad_token_id,
             search.no_repeat_ngram_size,
+            self.forced_tokens,
         )

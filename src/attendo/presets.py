@@ -66,6 +66,15 @@ _DECLARED: dict[str, dict[str, Any]] = {
         context_length=8192, rope_theta=100_000.0, norm_eps=1e-5, tie_embeddings=True,
         bos_token_id=1, eos_token_ids=(2,), pad_token_id=2,
     ),
+    # Gemma 3: five sliding-window layers (512 positions, RoPE base 10k) to one global layer (1M),
+    # q/k norms, a norm before and after each sublayer, RMSNorm weights as differences from 1.
+    "gemma3-270m": dict(
+        family="decoder", vocab_size=262144, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256,
+        ffn_dim=2048, context_length=32768, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
+        layer_types=("sliding",) * 5 + ("global",), sliding_window=512, norm_eps=1e-6, norm_weight_offset=1.0,
+        sublayer_norms=True, qk_norm=True, activation="gelu_tanh", attention_scale=256**-0.5,
+        embedding_scale=640**0.5, tie_embeddings=True, bos_token_id=2, eos_token_ids=(1,), pad_token_id=0,
+    ),
     "bloom-560m": dict(
         family="decoder", vocab_size=250880, dim=1024, n_layers=24, n_heads=16, ffn_dim=4096, context_length=2048,
         positions="alibi", norm="layernorm", embedding_norm=True, mlp_gated=False, activation="gelu_tanh",

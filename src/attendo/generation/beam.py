@@ -83,6 +83,37 @@ def ban_repeated_ngrams(logits: torch.Tensor, history: list[int], n: int) -> tor
     return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
 
 
+@dataclass(frozen=True)
+class ForcedTokens:
+    """Tokens an encoder-decoder must write at fixed steps, as transformers' forced_bos_token_id
+    and forced_eos_token_id say: mBART-style translators start with the target language's token,
+    and BART summarisers end with </s> when they reach the length limit.
+
+    first: the first generated token (or None); last: the token(s) allowed at the last step
+    max_new_tokens permits (empty: none forced).
+    """
+
+    first: int | None = None
+    last: tuple[int, ...] = ()
+
+    @classmethod
+    def from_defaults(cls, defaults: dict[str, Any]) -> ForcedTokens:
+        last = defaults.get("forced_eos_token_id")
+        return cls(defaults.get("forced_bos_token_id"), tuple(last) if isinstance(last, list) else (last,) if last is not None else ())
+
+    def apply(self, scores: torch.Tensor, step: int, max_new_tokens: int) -> torch.Tensor:
+        """scores (..., vocab) for the token at 0-based step: at a forced step, 0 for the forced
+        token(s) and -inf for every other (log-probabilities or logits alike); else unchanged."""
+        forced = list(self.last) if self.last and step == max_new_tokens - 1 else []
+        if not forced and self.first is not None and step == 0:
+            forced = [self.first]
+        if not forced:
+            return scores
+        out = torch.full_like(scores, float("-inf"))
+        out[..., forced] = 0.0
+        return out
+
+
 def adjust_scores(
     scores: torch.Tensor, history: list[int], sampling: SamplingSettings, no_repeat_ngram_size: int
 ) -> torch.Tensor:
@@ -114,6 +145,7 @@ def beam_search(
     sampling: SamplingSettings,
     max_new_tokens: int,
     eos_ids: Collection[int],
+    forced: ForcedTokens = ForcedTokens(),
 ) -> Hypothesis:
     """The best hypothesis for one input.
 
@@ -136,6 +168,7 @@ def beam_search(
         logprobs = torch.stack(
             [adjust_scores(row, prefix + running[i], sampling, beam.no_repeat_ngram_size) for i, row in enumerate(logprobs)]
         )
+        logprobs = forced.apply(logprobs, step, max_new_tokens)
         vocab = logprobs.shape[-1]
         top_scores, top_index = (logprobs + scores[:, None]).view(-1).topk(min(keep, k * vocab))
         origins, tokens = top_index // vocab, top_index % vocab

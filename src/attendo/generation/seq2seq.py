@@ -5,7 +5,8 @@
 3. Each step, the decoder attends to itself, reading earlier positions from its KV cache, and to
    the encoder output, whose keys and values each layer computes at the first step and keeps.
 4. Choose the next token (the sampler, or beam search) until the end-of-sequence token or the
-   limit.
+   limit. Tokens the model's generation config forces (forced_bos_token_id at the first step,
+   forced_eos_token_id at the last one the limit allows) replace the choice at their steps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from attendo.config import ModelConfig
 from attendo.errors import ContextLengthError, InvalidSettingError
 from attendo.generation.beam import (
     BeamSettings,
+    ForcedTokens,
     ban_repeated_ngrams,
     beam_result,
     beam_search,
@@ -66,11 +68,13 @@ def _accept(
     start_id: int,
     eos_ids: Collection[int],
     no_repeat_ngram_size: int,
+    forced: ForcedTokens,
     tokenizer: TextTokenizer,
 ) -> Event:
     """Choose a sequence's next token; the history is what the decoder has read, as transformers
     counts it (the start token, then the generated tokens)."""
     scores = ban_repeated_ngrams(logits, [start_id, *sequence.generated], no_repeat_ngram_size)
+    scores = forced.apply(scores, len(sequence.generated), sequence.request.max_new_tokens)
     return accept_token(sequence, scores, logits, [start_id], eos_ids, tokenizer)
 
 
@@ -83,6 +87,7 @@ def seq2seq_events(
     start_id: int,
     pad_id: int,
     no_repeat_ngram_size: int = 0,
+    forced: ForcedTokens = ForcedTokens(),
 ) -> Iterator[Event]:
     """Greedy decoding or sampling for a batch of requests, every sequence one token per step.
 
@@ -103,7 +108,7 @@ def seq2seq_events(
         logits = network.decode(tokens, memory, torch.full_like(tokens, step), cache=cache)[:, -1]
         for sequence, row in zip(sequences, logits):
             if not sequence.finished:
-                yield _accept(sequence, row, start_id, eos_ids, no_repeat_ngram_size, tokenizer)
+                yield _accept(sequence, row, start_id, eos_ids, no_repeat_ngram_size, forced, tokenizer)
         if all(s.finished for s in sequences):
             return
         tokens = torch.tensor([[s.generated[-1]] for s in sequences])
@@ -118,6 +123,7 @@ def seq2seq_beam_search(
     beam: BeamSettings,
     start_id: int,
     pad_id: int,
+    forced: ForcedTokens = ForcedTokens(),
 ) -> GenerationResult:
     """Beam search for one input: encoded once, its output shared by every beam."""
     check_beam_request(request)
@@ -137,5 +143,5 @@ def seq2seq_beam_search(
         position += 1
         return network.decode(tokens[:, None], memory, positions, cache=cache)[:, -1]
 
-    best = beam_search(first, advance, [start_id], beam, request.settings, request.max_new_tokens, eos_ids)
+    best = beam_search(first, advance, [start_id], beam, request.settings, request.max_new_tokens, eos_ids, forced)
     return beam_result(request, best.tokens, tokenizer, eos_ids)

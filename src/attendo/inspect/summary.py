@@ -30,6 +30,18 @@ def describe(model: Model) -> dict[str, Any]:
     c = model.config
     dtypes = Counter(dtype for _, dtype in _weights(model))
     attention = "multi-head" if c.n_kv_heads == c.n_heads else f"grouped-query ({c.n_heads // c.n_kv_heads} queries per key/value head)"
+    if c.has_sliding_layers:
+        kinds = [c.layer_type(i) for i in range(c.n_layers)]
+        attention += f"; {kinds.count('sliding')} layers see the last {c.sliding_window} positions, {kinds.count('global')} see all"
+    if c.qk_norm:
+        attention += "; q/k norms"
+    positions = c.positions
+    if c.positions == "rope":
+        positions += f" (theta {c.rope_theta:g}" + (f", sliding layers {c.rope_local_theta:g}" if c.rope_local_theta else "")
+        positions += (", scaled" if c.rope_frequency_factors else "") + (f", {c.rope_dims} of {c.head_dim} dims" if c.rope_dims != c.head_dim else "") + ")"
+    norm = f"{c.norm}, eps {c.norm_eps:g}, " + ("pre-norm" if c.pre_norm else "post-norm")
+    if c.sublayer_norms:
+        norm += " and after each sublayer"
     mlp = ("gated " if c.mlp_gated else "") + c.activation
     return {
         "family": c.family,
@@ -40,8 +52,8 @@ def describe(model: Model) -> dict[str, Any]:
         "heads": f"{c.n_heads} query, {c.n_kv_heads} key/value, head dim {c.head_dim}",
         "attention": attention,
         "feed-forward": f"{mlp}, hidden dim {c.ffn_dim}",
-        "positions": c.positions + (f" (theta {c.rope_theta:g})" if c.positions == "rope" else ""),
-        "norm": f"{c.norm}, eps {c.norm_eps:g}, " + ("pre-norm" if c.pre_norm else "post-norm"),
+        "positions": positions,
+        "norm": norm,
         "vocabulary": c.vocab_size,
         "context window": c.context_length,
         "tied embeddings": c.tie_embeddings,

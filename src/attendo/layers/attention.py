@@ -15,6 +15,7 @@ from torch import nn
 
 from attendo.config import ModelConfig
 from attendo.layers.kv_cache import KVCache
+from attendo.layers.norm import make_norm
 from attendo.layers.positions import apply_rope
 
 
@@ -47,6 +48,8 @@ class AttentionContext:
     record: when a list, the explicit path runs and appends each layer's weights
           (batch, heads, queries, keys).
     memory: the encoder output, for the cross-attention of an encoder-decoder's decoder.
+    sliding_mask, sliding_rope: what the sliding-window layers use instead of mask and rope (the
+          causal mask less the keys beyond the window; None: no mask, or the same rope).
     """
 
     positions: torch.Tensor
@@ -57,6 +60,8 @@ class AttentionContext:
     kv_len: int = 0
     record: list[torch.Tensor] | None = None
     memory: EncoderMemory | None = None
+    sliding_mask: torch.Tensor | None = None
+    sliding_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def attend(
@@ -83,14 +88,21 @@ def attend(
 
 
 class SelfAttention(nn.Module):
-    """Queries, keys and values come from one fused projection (query heads first)."""
+    """Queries, keys and values come from one fused projection (query heads first).
+
+    A sliding-window layer attends only to the last sliding_window positions (its own included);
+    with qk_norm, every query and key head is normalised before it is rotated.
+    """
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
+        self.sliding = config.layer_type(layer) == "sliding"
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.scale = config.attention_scale or self.head_dim**-0.5
         self.qkv = nn.Linear(config.dim, config.qkv_dim, bias=config.qkv_bias)
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
         self.out = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.out_bias)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -101,11 +113,14 @@ class SelfAttention(nn.Module):
         q = q.view(batch, tokens, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if ctx.rope is not None:
-            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        rope = ctx.sliding_rope if self.sliding and ctx.sliding_rope is not None else ctx.rope
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v, ctx.positions, ctx.slots, ctx.kv_len)
-        out = attend(q, k, v, ctx.mask, self.scale, ctx.record)
+        out = attend(q, k, v, ctx.sliding_mask if self.sliding else ctx.mask, self.scale, ctx.record)
         return self.out(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 

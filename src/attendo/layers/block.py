@@ -13,6 +13,7 @@ from attendo.layers.norm import make_norm
 
 class Block(nn.Module):
     """Pre-norm (GPT-2, LLaMA, BLOOM, T5): x + f(norm(x)). Post-norm (BERT, BART, 2017): norm(x + f(x)).
+    With sublayer norms (Gemma 2/3), pre-norm also normalises what f returns: x + norm'(f(norm(x))).
 
     f is self-attention, then (in the decoder of an encoder-decoder) cross-attention over the
     encoder output, then the feed-forward network; each sits in its own residual connection.
@@ -27,14 +28,20 @@ class Block(nn.Module):
         self.cross = CrossAttention(config, layer) if cross_attention else None
         self.mlp_norm = make_norm(config)
         self.mlp = FeedForward(config)
+        self.attn_post_norm = make_norm(config) if config.sublayer_norms else None
+        self.mlp_post_norm = make_norm(config) if config.sublayer_norms else None
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x), ctx)
+            x = x + _maybe(self.attn_post_norm, self.attn(self.attn_norm(x), ctx))
             if self.cross is not None:
                 x = x + self.cross(self.cross_norm(x), ctx)
-            return x + self.mlp(self.mlp_norm(x))
+            return x + _maybe(self.mlp_post_norm, self.mlp(self.mlp_norm(x)))
         x = self.attn_norm(x + self.attn(x, ctx))
         if self.cross is not None:
             x = self.cross_norm(x + self.cross(x, ctx))
         return self.mlp_norm(x + self.mlp(x))
+
+
+def _maybe(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if norm is None else norm(x)

@@ -28,12 +28,28 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     return table
 
 
-def rope_tables(length: int, rope_dims: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (length, rope_dims), in the half-split layout of Hugging Face checkpoints."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rope_dims, 2, dtype=torch.float64, device=_TABLES) / rope_dims)
-    angles = torch.outer(torch.arange(length, dtype=torch.float64, device=_TABLES), inv_freq)
+def rope_frequencies(rope_dims: int, theta: float, factors: tuple[float, ...] | None = None) -> torch.Tensor:
+    """(rope_dims / 2,) float64 angles per position of each rotated pair: theta^(-2i / rope_dims),
+    each divided by its factor when the RoPE is scaled for longer contexts."""
+    frequencies = 1.0 / theta ** (torch.arange(0, rope_dims, 2, dtype=torch.float64, device=_TABLES) / rope_dims)
+    if factors is not None:
+        frequencies = frequencies / torch.tensor(factors, dtype=torch.float64, device=_TABLES)
+    return frequencies
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, frequencies: torch.Tensor, attention_factor: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (batch, 1, positions, rope_dims), for positions (batch, positions), in the
+    half-split layout of Hugging Face checkpoints. Computed for the positions at hand rather than
+    kept as a table: a table for Gemma 3's 32k context and 256-wide heads would take 64 MB. The
+    angles are float64, since a float32 angle is off by up to 1e-3 radians at position 8000."""
+    angles = positions[:, None, :, None].to(torch.float64) * frequencies.to(positions.device)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    cos, sin = angles.cos().float(), angles.sin().float()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

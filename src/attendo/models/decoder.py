@@ -10,7 +10,12 @@ from attendo.layers.attention import AttentionContext
 from attendo.layers.block import Block
 from attendo.layers.kv_cache import KVCache
 from attendo.layers.norm import make_norm
-from attendo.layers.positions import alibi_slopes, rope_tables, sinusoidal_table
+from attendo.layers.positions import alibi_slopes, rope_cos_sin, rope_frequencies, sinusoidal_table
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap): logits squashed smoothly into (-cap, cap); None leaves them."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 class DecoderLM(nn.Module):
@@ -19,6 +24,7 @@ class DecoderLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.window = config.sliding_window if config.has_sliding_layers else None  # read every step
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.pos_embed = (
             nn.Embedding(config.context_length + config.position_offset, config.dim)
@@ -39,9 +45,11 @@ class DecoderLM(nn.Module):
         this once the weights are in place."""
         config, device = self.config, next(self.parameters()).device
         if config.positions == "rope":
-            cos, sin = rope_tables(config.context_length, config.rope_dims, config.rope_theta)
-            self.register_buffer("rope_cos", cos.to(device), persistent=False)
-            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+            # Plain attributes, not buffers: casting the network to float16 must not round them.
+            self.rope_frequencies = rope_frequencies(config.rope_dims, config.rope_theta, config.rope_frequency_factors)
+            self.sliding_rope_frequencies = None
+            if config.rope_local_theta is not None and config.has_sliding_layers:
+                self.sliding_rope_frequencies = rope_frequencies(config.rope_dims, config.rope_local_theta)
         elif config.positions == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads).to(device), persistent=False)
         elif config.positions == "sinusoidal":
@@ -96,7 +104,7 @@ class DecoderLM(nn.Module):
             x = self.norm(x)
         if self.config.logit_scale != 1.0:
             x = x * self.config.logit_scale
-        return self.lm_head(x)
+        return softcap(self.lm_head(x), self.config.final_logit_softcap)
 
     def _attention_context(
         self,
@@ -110,14 +118,23 @@ class DecoderLM(nn.Module):
         else:
             kv_len = cache.max_len if cache.fixed_shapes else int(positions.max()) + 1
             key_positions = torch.arange(kv_len, device=positions.device)[None, None, :]
-        mask = (key_positions <= positions[:, :, None])[:, None]  # (batch, 1, queries, keys)
+        query_positions = positions[:, :, None]
+        mask = (key_positions <= query_positions)[:, None]  # (batch, 1, queries, keys)
+        sliding_mask = None
+        if self.window is not None:  # and no key further back than the window
+            sliding_mask = mask & (key_positions > query_positions - self.window)[:, None]
         if cache is not None and not cache.fixed_shapes and positions.shape == (1, 1) and self.config.positions != "alibi":
-            mask = None  # one sequence's newest token sees every cached key: no mask, faster SDPA
-        rope = None
+            # One sequence's newest token sees every cached key: no mask, faster SDPA.
+            mask = None
+            if kv_len <= (self.window or 0):
+                sliding_mask = None
+        rope = sliding_rope = None
         if self.config.positions == "rope":
-            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+            rope = rope_cos_sin(positions, self.rope_frequencies, self.config.rope_attention_factor)
+            if self.sliding_rope_frequencies is not None:
+                sliding_rope = rope_cos_sin(positions, self.sliding_rope_frequencies)
         elif self.config.positions == "alibi":
             distance = (positions[:, :, None] - key_positions).float()[:, None]  # (batch, 1, q, k)
             bias = -self.alibi_slopes[None, :, None, None] * distance
             mask = bias.masked_fill(~mask, float("-inf"))
-        return AttentionContext(positions, mask, rope, cache, slots, kv_len, record)
+        return AttentionContext(positions, mask, rope, cache, slots, kv_len, record, None, sliding_mask, sliding_rope)

@@ -35,6 +35,8 @@ class Stack(nn.Module):
                 f"{config.positions} positions are not implemented for {config.family} models "
                 f"(supported: {', '.join(STACK_POSITIONS)})"
             )
+        if config.has_sliding_layers:
+            raise UnsupportedModelError(f"sliding-window attention is not implemented for {config.family} models")
         self.config = config
         self.causal = causal
         self.pos_embed = (

@@ -16,16 +16,16 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from attendo.errors import CheckpointError, UnsupportedModelError
 from attendo.weights import ggml_blocks
@@ -201,16 +201,17 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_ROPE_FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")
 _GGUF_NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
 
 
-def _hf_name(path: Path, name: str) -> str:
-    """The Hugging Face LLaMA name of a GGUF tensor."""
+def _hf_name(path: Path, name: str, layer_names: dict[str, str]) -> str:
+    """The Hugging Face name of a GGUF tensor (layer_names: the architecture's own layer parts)."""
     match = _GGUF_NAME.fullmatch(name)
     layer, part, kind = match.groups() if match else (None, None, None)
-    table = _GLOBAL_NAMES if layer is None else _LAYER_NAMES
+    table = _GLOBAL_NAMES if layer is None else layer_names
     if part not in table:
-        raise UnsupportedModelError(f"{path}: tensor {name!r} has no counterpart in a Hugging Face LLaMA model")
+        raise UnsupportedModelError(f"{path}: tensor {name!r} has no counterpart in a Hugging Face model of this architecture")
     prefix = "" if layer is None else f"model.layers.{layer}."
     return f"{prefix}{table[part]}.{kind}"
 
@@ -229,12 +230,23 @@ def _unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
 class GGUFTensors:
     """The tensors of one GGUF file under Hugging Face names, dequantized to torch on load."""
 
-    def __init__(self, path: Path, infos: dict[str, TensorInfo], rope_heads: dict[str, int]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        infos: dict[str, TensorInfo],
+        rope_heads: dict[str, int],
+        plus_one: frozenset[str] = frozenset(),
+        layer_names: dict[str, str] | None = None,
+    ) -> None:
         """``infos`` maps Hugging Face names to GGUF table entries; ``rope_heads`` gives the head
-        count of every tensor whose rows llama.cpp permuted for its RoPE."""
+        count of every tensor whose rows llama.cpp permuted for its RoPE; ``plus_one`` names the
+        norm weights that llama.cpp stored as 1 + w (Gemma), given back as w; ``layer_names``
+        the architecture's GGUF-to-HF layer names, to name tensors in errors as the file does."""
         self.path = path
+        self._file_names = {v: k for k, v in (_GLOBAL_NAMES | (layer_names or {})).items()}
         self._infos = infos
         self._rope_heads = rope_heads
+        self._plus_one = plus_one
         for name, heads in rope_heads.items():
             rows = infos[name].shape[0]
             if rows % (2 * heads):
@@ -242,6 +254,15 @@ class GGUFTensors:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: info.shape for name, info in self._infos.items()}
+
+    def file_name(self, name: str) -> str:
+        """The GGUF name of a Hugging Face tensor name (model.layers.3.mlp.up_proj.weight is
+        blk.3.ffn_up.weight), present in the file or not."""
+        match = re.fullmatch(r"(?:model\.layers\.(\d+)\.)?(.+)\.(weight|bias)", name)
+        if not match or match.group(2) not in self._file_names:
+            return name
+        layer, part, kind = match.groups()
+        return f"{'' if layer is None else f'blk.{layer}.'}{self._file_names[part]}.{kind}"
 
     def blocks(self, name: str) -> tuple[torch.Tensor, GGMLQuantizationType] | None:
         """A matrix stored in one of ggml_blocks.MULTIPLIABLE formats as its bytes, one row of
@@ -280,26 +301,16 @@ class GGUFTensors:
             tensor = torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
         if name in self._rope_heads:
             tensor = _unpermute_rope(tensor, self._rope_heads[name])
+        if name in self._plus_one:
+            tensor = tensor - 1
         return tensor.to(dtype or torch.float32)
 
 
 # --- config ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Architecture:
-    model_type: str
-    hf_class: str
-    rope_permuted: bool  # llama.cpp permutes q/k rows only where it rotates adjacent pairs
-    spells_attention_bias: bool  # False where the model_type itself implies the q/k/v biases
-
-
-# The GGUF architectures that are a Hugging Face LLaMA or a model attendo reads as one. Qwen2 has
-# q/k/v biases but no o_proj bias, which its own model_type says (attention_bias would add one).
-_ARCHITECTURES = {
-    "llama": _Architecture("llama", "LlamaForCausalLM", rope_permuted=True, spells_attention_bias=True),
-    "qwen2": _Architecture("qwen2", "Qwen2ForCausalLM", rope_permuted=False, spells_attention_bias=False),
-}
+SentencePieceFlavour = Literal["llama", "gemma", "phi3"]  # see _sentencepiece
+RopeFactors = dict[str, list[float]]  # the values of the rope_freqs / rope_factors_* tensors, by name
 
 
 def _required(path: Path, metadata: dict[str, Any], key: str, kind: type) -> Any:
@@ -311,7 +322,107 @@ def _required(path: Path, metadata: dict[str, Any], key: str, kind: type) -> Any
     return value
 
 
-def _hf_config(path: Path, metadata: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, Any]:
+def _rope_scaling(path: Path, metadata: dict[str, Any], arch: str, factors: RopeFactors) -> dict[str, Any] | None:
+    """The file's RoPE scaling as a transformers rope_scaling dict. llama.cpp's converter writes
+    Llama 3's scaling as a rope_freqs tensor of per-frequency divisors, and Phi-3's long-context
+    scaling as rope_factors_short/long tensors; transformers has no name for such a list, so it
+    travels as the one rope_type of attendo's own, "frequency_factors" (see hf_config._rope)."""
+    kind = metadata.get(f"{arch}.rope.scaling.type", "none")
+    original = metadata.get(f"{arch}.rope.scaling.original_context_length")
+    if "rope_freqs.weight" in factors:
+        return {"rope_type": "frequency_factors", "factors": factors["rope_freqs.weight"]}
+    if "rope_factors_short.weight" in factors:
+        # Short factors hold up to the original context, which caps the context attendo allows.
+        return {
+            "rope_type": "frequency_factors",
+            "factors": factors["rope_factors_short.weight"],
+            "attention_factor": metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0),
+            "original_max_position_embeddings": original,
+        }
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _required(path, metadata, f"{arch}.rope.scaling.factor", float)}
+    raise UnsupportedModelError(f"{path}: RoPE scaling {kind!r} is not supported (supported: linear, llama3's rope_freqs)")
+
+
+def _gemma3_config(path: Path, metadata: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3's keys. The file leaves out what llama.cpp hard-codes for the architecture: every
+    6th layer attends globally, the sliding layers' RoPE base is 10000, and queries are scaled by
+    1/sqrt(head_dim), except in the 27B model (62 layers) by 1/sqrt(hidden / heads)."""
+    layers = config["num_hidden_layers"]
+    sliding = metadata.get("gemma3.attention.sliding_window_pattern")  # newer files: one bool per layer
+    if isinstance(sliding, list) and len(sliding) == layers:
+        kinds = ["sliding_attention" if s else "full_attention" for s in sliding]
+    else:
+        kinds = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(layers)]
+    scale = metadata.get("gemma3.attention.scale")
+    if isinstance(scale, float) and scale > 0:
+        query_scalar = scale**-2
+    elif layers == 62:
+        query_scalar = config["hidden_size"] / config["num_attention_heads"]
+    else:
+        query_scalar = config["head_dim"]
+    full = {"rope_type": "default", "rope_theta": config.pop("rope_theta")} | (config.pop("rope_scaling", None) or {})
+    config.pop("hidden_act")
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": query_scalar,
+        "sliding_window": _required(path, metadata, "gemma3.attention.sliding_window", int),
+        "layer_types": kinds,
+        "rope_parameters": {"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        "final_logit_softcapping": metadata.get("gemma3.final_logit_softcapping"),
+    }
+
+
+def _phi3_config(path: Path, metadata: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    window = metadata.get("phi3.attention.sliding_window")
+    return {"sliding_window": window} if isinstance(window, int) and window > 0 else {}
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    model_type: str
+    hf_class: str
+    rope_permuted: bool  # llama.cpp permutes q/k rows only where it rotates adjacent pairs
+    spells_attention_bias: bool  # False where the model_type itself implies the q/k/v biases
+    layer_names: tuple[tuple[str, str], ...] = ()  # GGUF name parts whose HF names differ from LLaMA's
+    norms_plus_one: bool = False  # llama.cpp's Gemma converter stores every norm weight as 1 + w
+    more_config: Callable[[Path, dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    sentencepiece: SentencePieceFlavour = "llama"  # how a SentencePiece vocabulary is read
+
+
+# The GGUF architectures attendo reads, each as the Hugging Face model it was converted from.
+# Qwen2 has q/k/v biases but no o_proj bias, which its own model_type says (attention_bias would
+# add one); Qwen3 has neither, and q/k norms. Phi-3 keeps q/k/v and gate/up fused, as its Hugging
+# Face checkpoints do.
+_ARCHITECTURES = {
+    "llama": _Architecture("llama", "LlamaForCausalLM", rope_permuted=True, spells_attention_bias=True),
+    "qwen2": _Architecture("qwen2", "Qwen2ForCausalLM", rope_permuted=False, spells_attention_bias=False),
+    "qwen3": _Architecture(
+        "qwen3", "Qwen3ForCausalLM", rope_permuted=False, spells_attention_bias=True,
+        layer_names=(("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")),
+    ),
+    "phi3": _Architecture(
+        "phi3", "Phi3ForCausalLM", rope_permuted=False, spells_attention_bias=False,
+        layer_names=(("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")), more_config=_phi3_config,
+        sentencepiece="phi3",
+    ),
+    "gemma3": _Architecture(
+        "gemma3_text", "Gemma3ForCausalLM", rope_permuted=False, spells_attention_bias=False,
+        layer_names=(
+            ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm"),
+            ("post_attention_norm", "post_attention_layernorm"), ("ffn_norm", "pre_feedforward_layernorm"),
+            ("post_ffw_norm", "post_feedforward_layernorm"),
+        ),
+        norms_plus_one=True, more_config=_gemma3_config, sentencepiece="gemma",
+    ),
+}  # fmt: skip
+
+
+def _hf_config(
+    path: Path, metadata: dict[str, Any], tensors: dict[str, TensorInfo], rope_factors: RopeFactors
+) -> dict[str, Any]:
     arch = metadata["general.architecture"]
     spec = _ARCHITECTURES[arch]
     hidden = _required(path, metadata, f"{arch}.embedding_length", int)
@@ -321,11 +432,8 @@ def _hf_config(path: Path, metadata: dict[str, Any], tensors: dict[str, TensorIn
         raise UnsupportedModelError(f"{path}: per-layer key/value head counts are not supported")
     head_dim = metadata.get(f"{arch}.attention.key_length", hidden // heads)
     rope_dims = metadata.get(f"{arch}.rope.dimension_count", head_dim)
-    if rope_dims != head_dim:
+    if rope_dims != head_dim and spec.rope_permuted:
         raise UnsupportedModelError(f"{path}: RoPE over {rope_dims} of {head_dim} head dimensions is not supported")
-    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
-        raise UnsupportedModelError(f"{path}: RoPE scaling {scaling!r} is not supported")
     tokens = metadata.get("tokenizer.ggml.tokens", [])
     config: dict[str, Any] = {
         "model_type": spec.model_type,
@@ -346,8 +454,15 @@ def _hf_config(path: Path, metadata: dict[str, Any], tensors: dict[str, TensorIn
         "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
     }
+    if rope_dims != head_dim:
+        config["partial_rotary_factor"] = rope_dims / head_dim
+    scaling = _rope_scaling(path, metadata, arch, rope_factors)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
     if spec.spells_attention_bias:
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if spec.more_config is not None:
+        config |= spec.more_config(path, metadata, config)
     return config
 
 
@@ -432,25 +547,42 @@ def _byte_level(path: Path, metadata: dict[str, Any], tokens: list[str]) -> tupl
     return tokenizer, spelled_in
 
 
-def _sentencepiece(path: Path, metadata: dict[str, Any], tokens: list[str]) -> Tokenizer:
-    """SentencePiece-style BPE: words start with "▁", unknown characters fall back to <0xXX> bytes."""
+def _sentencepiece(path: Path, metadata: dict[str, Any], tokens: list[str], flavour: SentencePieceFlavour) -> Tokenizer:
+    """SentencePiece-style BPE: words start with "▁", unknown characters fall back to <0xXX> bytes.
+
+    The flavours are transformers' readings of each architecture's files: Gemma files spell
+    tokens of only spaces with real spaces (the vocabulary has them as "▁▁...") and order their
+    merges by the tokens' positions, not their scores; Phi-3 puts "▁" before every text even when
+    it starts with a space (as llama.cpp does), where LLaMA's Metaspace does not.
+    """
+    if flavour == "gemma":
+        tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
     if "tokenizer.ggml.merges" in metadata:
         merges = _merges(path, metadata)
+    elif flavour == "gemma":
+        merges = _merges_from_scores(tokens, [-float(i) for i in range(len(tokens))])
     else:
         merges = _merges_from_scores(tokens, metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
     vocab = {token: index for index, token in enumerate(tokens)}
     tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True))
     prefix_space = metadata.get("tokenizer.ggml.add_space_prefix", True)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if prefix_space else "never", split=False
-    )
+    if flavour == "phi3":
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if prefix_space else "never", split=False
+        )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix_space else steps)
     return tokenizer
 
 
 def _tokenizer(
-    path: Path, metadata: dict[str, Any], bos: tuple[str, int] | None, eos: tuple[str, int] | None
+    path: Path,
+    metadata: dict[str, Any],
+    bos: tuple[str, int] | None,
+    eos: tuple[str, int] | None,
+    flavour: SentencePieceFlavour = "llama",
 ) -> Tokenizer:
     """The tokenizer the metadata describes, built the way transformers builds it from a GGUF, so
     both give the same ids. ``bos``/``eos`` (token, id) are added around each text when given."""
@@ -462,7 +594,7 @@ def _tokenizer(
     if kind == "gpt2":
         tokenizer, spelled_in = _byte_level(path, metadata, tokens)
     elif kind == "llama":
-        tokenizer = _sentencepiece(path, metadata, tokens)
+        tokenizer = _sentencepiece(path, metadata, tokens, flavour)
     else:
         raise UnsupportedModelError(f"{path}: tokenizer model {kind!r} is not supported (only 'gpt2' and 'llama')")
 
@@ -522,16 +654,25 @@ def read_gguf(path: str | Path) -> Checkpoint:
         raise UnsupportedModelError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHITECTURES)})"
         )
-    hf_config = _hf_config(path, metadata, infos)
-    named = {_hf_name(path, name): info for name, info in infos.items()}
-    rope_heads = _rope_heads(named, hf_config) if _ARCHITECTURES[arch].rope_permuted else {}
+    spec = _ARCHITECTURES[arch]
+    # RoPE factor tensors describe the positions, not weights: they go into the config.
+    rope_factors = {
+        name: GGUFTensors(path, infos, {}).load(name, None).flatten().tolist()
+        for name in _ROPE_FACTOR_TENSORS
+        if name in infos
+    }
+    hf_config = _hf_config(path, metadata, infos, rope_factors)
+    layer_names = _LAYER_NAMES | dict(spec.layer_names)
+    named = {_hf_name(path, name, layer_names): info for name, info in infos.items() if name not in _ROPE_FACTOR_TENSORS}
+    rope_heads = _rope_heads(named, hf_config) if spec.rope_permuted else {}
+    plus_one = frozenset(name for name in named if spec.norms_plus_one and name.endswith("norm.weight"))
 
     special = _special_tokens(metadata)
     # llama.cpp adds BOS to SentencePiece vocabularies unless told otherwise, not to byte-level ones.
     add_bos = metadata.get("tokenizer.ggml.add_bos_token", metadata.get("tokenizer.ggml.model") == "llama")
     add_eos = metadata.get("tokenizer.ggml.add_eos_token", False)
     bos, eos = special.get("bos") if add_bos else None, special.get("eos") if add_eos else None
-    tokenizer = _tokenizer(path, metadata, bos, eos)
+    tokenizer = _tokenizer(path, metadata, bos, eos, spec.sentencepiece)
     tokenizer_config = {
         "chat_template": metadata.get("tokenizer.chat_template"),
         **{f"{name}_token": special[key][0] if key in special else None for name, key in _TOKEN_NAMES.items()},
@@ -547,7 +688,7 @@ def read_gguf(path: str | Path) -> Checkpoint:
     }
     return Checkpoint(
         hf_config=hf_config,
-        tensors=GGUFTensors(path, named, rope_heads),
+        tensors=GGUFTensors(path, named, rope_heads, plus_one, layer_names),
         tokenizer=tokenizer,
         tokenizer_config=tokenizer_config,
         generation_config=generation_config,

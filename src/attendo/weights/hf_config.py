@@ -5,10 +5,11 @@ Each supported ``model_type`` has an adapter; the model code itself never sees t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
-from attendo.config import Activation, ModelConfig
+from attendo.config import Activation, LayerType, ModelConfig
 from attendo.errors import UnsupportedModelError
 
 _ACTIVATIONS: dict[str, Activation] = {
@@ -35,48 +36,154 @@ def token_ids(value: Any) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else (int(value),)
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    # transformers 5 moved rope settings into "rope_parameters".
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", None):
-        raise UnsupportedModelError(f"RoPE scaling {kind!r} is not supported yet")
-    return float(hf.get("rope_theta") or rope.get("rope_theta") or 10_000.0)
+def _rope(hf: dict[str, Any], params: dict[str, Any], head_dim: int, context: int) -> dict[str, Any]:
+    """The RoPE fields of a ModelConfig (and the context length they allow) from one RoPE
+    description: transformers 5's rope_parameters, or the rope_theta and rope_scaling of older
+    configs. Scaled RoPE becomes a divisor per rotary frequency."""
+    theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
+    rope_dims = int(head_dim * (params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0))
+    fields: dict[str, Any] = {"rope_theta": theta, "rope_dims": rope_dims, "context_length": context}
+    kind = params.get("rope_type", params.get("type")) or "default"
+    frequencies = [theta ** (-i / rope_dims) for i in range(0, rope_dims - 1, 2)]
+    if kind == "default":
+        return fields
+    if kind == "frequency_factors":  # attendo's own: the divisors as a GGUF file stores them
+        factors = [float(f) for f in params["factors"]]
+        fields["rope_attention_factor"] = float(params.get("attention_factor") or 1.0)
+        fields["context_length"] = min(context, params.get("original_max_position_embeddings") or context)
+    elif kind == "linear":  # positions squeezed by the factor: every frequency divided by it
+        factors = [float(params["factor"])] * len(frequencies)
+    elif kind == "llama3":
+        factors = _llama3_factors(frequencies, params)
+    elif kind == "longrope":
+        # Phi-3's short factors hold up to the original context length; longer sequences switch
+        # to the long factors. attendo stays within the original length, where one set is exact.
+        original = params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or context
+        factors = [float(f) for f in params["short_factor"]]
+        scale = params.get("factor") or context / original
+        fields["rope_attention_factor"] = params.get("attention_factor") or (
+            math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+        )
+        fields["context_length"] = min(context, original)
+    else:
+        raise UnsupportedModelError(f"RoPE scaling {kind!r} is not supported (supported: linear, llama3, longrope)")
+    fields["rope_frequency_factors"] = tuple(factors)
+    return fields
 
 
-def _llama(hf: dict[str, Any]) -> ModelConfig:
-    heads, dim = hf["num_attention_heads"], hf["hidden_size"]
-    head_dim = hf.get("head_dim") or dim // heads
-    context = hf.get("max_position_embeddings", 2048)
-    # Mistral's sliding window equals full attention up to the window's length: stop there
-    # rather than attend wrongly beyond it.
-    if hf.get("sliding_window") and hf.get("use_sliding_window", True):
-        context = min(context, hf["sliding_window"])
-    qkv_bias = bool(hf.get("attention_bias", False)) or hf.get("model_type") == "qwen2"
-    return ModelConfig(
+def _llama3_factors(frequencies: list[float], params: dict[str, Any]) -> list[float]:
+    """Llama 3.1's scaling: frequencies whose wavelength exceeds the original context / low_freq_factor
+    are divided by the factor, those shorter than original / high_freq_factor are kept, and the
+    ones between are blended smoothly."""
+    factor, low, high = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    original = params["original_max_position_embeddings"]
+    factors = []
+    for frequency in frequencies:
+        wavelength = 2 * math.pi / frequency
+        if wavelength < original / high:
+            factors.append(1.0)
+        elif wavelength > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return factors
+
+
+_LAYER_TYPES: dict[str, LayerType] = {"full_attention": "global", "sliding_attention": "sliding"}
+
+
+def _attention_layers(hf: dict[str, Any]) -> dict[str, Any]:
+    """layer_types and sliding_window: the config's own per-layer list, or (Mistral, Phi-3) every
+    layer sliding when a window is set and in use."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    if hf.get("layer_types"):
+        unknown = sorted(set(hf["layer_types"]) - set(_LAYER_TYPES))
+        if unknown:
+            raise UnsupportedModelError(f"attention layer type {unknown[0]!r} is not supported")
+        types = tuple(_LAYER_TYPES[t] for t in hf["layer_types"])
+        return {"layer_types": types, "sliding_window": window if "sliding" in types else None}
+    return {"layer_types": ("sliding",), "sliding_window": window} if window else {}
+
+
+def _rotary_decoder(hf: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """The fields every LLaMA-like config (LLaMA, Mistral, Qwen2, Phi-3, Gemma 3) spells alike."""
+    heads = hf["num_attention_heads"]
+    return dict(
         family="decoder",
         vocab_size=hf["vocab_size"],
-        dim=dim,
+        dim=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"],
         n_heads=heads,
         n_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim,
         ffn_dim=hf["intermediate_size"],
-        context_length=context,
         positions="rope",
-        rope_theta=_rope_theta(hf),
-        rope_dims=int(head_dim * hf.get("partial_rotary_factor", 1.0)),
         norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
         mlp_gated=True,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=token_ids(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def _llama(hf: dict[str, Any]) -> ModelConfig:
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    qkv_bias = bool(hf.get("attention_bias", False)) or hf.get("model_type") == "qwen2"
+    return ModelConfig(
+        **_rotary_decoder(hf, head_dim),
+        **_rope(hf, rope, head_dim, hf.get("max_position_embeddings", 2048)),
+        **_attention_layers(hf),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
         activation=activation(hf.get("hidden_act", "silu")),
         qkv_bias=qkv_bias,
         out_bias=bool(hf.get("attention_bias", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=token_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def _qwen3(hf: dict[str, Any]) -> ModelConfig:
+    """Qwen2's layout without the q/k/v biases, with an RMSNorm on every query and key head."""
+    return _llama(hf).replace(qk_norm=True)
+
+
+def _gemma3(hf: dict[str, Any]) -> ModelConfig:
+    """Gemma 3's text model: five sliding-window layers to one global, each kind with its own RoPE
+    base (only the global one scaled), q/k norms, norms around each sublayer, RMSNorm weights
+    stored as differences from 1, embeddings scaled by sqrt(dim), GELU-tanh gated MLP."""
+    if hf.get("attn_logit_softcapping") is not None:
+        raise UnsupportedModelError("attn_logit_softcapping (soft-capped attention scores) is not supported")
+    if hf.get("use_bidirectional_attention"):
+        raise UnsupportedModelError("use_bidirectional_attention (Gemma 3 as an encoder) is not supported")
+    dim, head_dim = hf["hidden_size"], hf.get("head_dim", 256)
+    context = hf.get("max_position_embeddings", 131_072)
+    rope = hf.get("rope_parameters") or {}
+    # transformers 5 keeps each layer kind's RoPE apart; older configs spell the global one as
+    # rope_theta and rope_scaling, and the local base as rope_local_base_freq.
+    global_rope = rope.get("full_attention") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e6)}
+    local_rope = rope.get("sliding_attention") or {"rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
+    if local_rope.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"scaled RoPE ({local_rope['rope_type']}) on sliding-window layers is not supported")
+    pattern = hf.get("sliding_window_pattern", 6)  # layer_types' predecessor: every 6th layer global
+    layers = hf.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(pattern)]
+    return ModelConfig(
+        **_rotary_decoder(hf, head_dim),
+        **_rope(hf, global_rope, head_dim, context),
+        rope_local_theta=float(local_rope.get("rope_theta", 10_000.0)),
+        **_attention_layers({"layer_types": layers, "sliding_window": hf.get("sliding_window", 4096)}),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_weight_offset=1.0,
+        sublayer_norms=True,
+        qk_norm=True,
+        activation=activation(hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"),
+        qkv_bias=bool(hf.get("attention_bias", False)),
+        out_bias=bool(hf.get("attention_bias", False)),
+        attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+        embedding_scale=dim**0.5,
+        final_logit_softcap=hf.get("final_logit_softcapping"),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
     )
 
 
@@ -242,6 +349,9 @@ ADAPTERS: dict[str, Callable[[dict[str, Any]], ModelConfig]] = {
     "llama": _llama,
     "mistral": _llama,
     "qwen2": _llama,
+    "phi3": _llama,
+    "qwen3": _qwen3,
+    "gemma3_text": _gemma3,
     "gpt2": _gpt2,
     "bloom": _bloom,
     "bert": _bert,

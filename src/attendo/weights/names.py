@@ -62,6 +62,38 @@ def _llama_rules(config: ModelConfig | None = None) -> dict[str, Rule]:
     }
 
 
+def _phi3_rules(config: ModelConfig | None = None) -> dict[str, Rule]:
+    """LLaMA's names, with q/k/v and gate/up already fused as ours are."""
+    layer = "model.layers.{i}"
+    return {
+        **_llama_rules(config),
+        "blocks.{i}.attn.qkv.weight": _rule(f"{layer}.self_attn.qkv_proj.weight"),
+        "blocks.{i}.mlp.up.weight": _rule(f"{layer}.mlp.gate_up_proj.weight"),
+    }
+
+
+def _qk_norm_rules(config: ModelConfig | None = None) -> dict[str, Rule]:
+    """LLaMA's names plus an RMSNorm on every query and key head (Qwen3)."""
+    attn = "model.layers.{i}.self_attn"
+    return {
+        **_llama_rules(config),
+        "blocks.{i}.attn.q_norm.weight": _rule(f"{attn}.q_norm.weight"),
+        "blocks.{i}.attn.k_norm.weight": _rule(f"{attn}.k_norm.weight"),
+    }
+
+
+def _gemma3_rules(config: ModelConfig | None = None) -> dict[str, Rule]:
+    """Qwen3's names, but post_attention_layernorm is the norm after attention (LLaMA's before the
+    MLP), plus the pre/post feed-forward norms."""
+    layer = "model.layers.{i}"
+    return {
+        **_qk_norm_rules(config),
+        "blocks.{i}.attn_post_norm.weight": _rule(f"{layer}.post_attention_layernorm.weight"),
+        "blocks.{i}.mlp_norm.weight": _rule(f"{layer}.pre_feedforward_layernorm.weight"),
+        "blocks.{i}.mlp_post_norm.weight": _rule(f"{layer}.post_feedforward_layernorm.weight"),
+    }
+
+
 def _gpt2_rules(config: ModelConfig | None = None) -> dict[str, Rule]:
     layer = "transformer.h.{i}"
     rules = {
@@ -202,6 +234,9 @@ NAME_MAPS: dict[str, Callable[[ModelConfig], dict[str, Rule]]] = {
     "llama": _llama_rules,
     "mistral": _llama_rules,
     "qwen2": _llama_rules,
+    "phi3": _phi3_rules,
+    "qwen3": _qk_norm_rules,
+    "gemma3_text": _gemma3_rules,
     "gpt2": _gpt2_rules,
     "bloom": _bloom_rules,
     "bert": _bert_rules,
