@@ -322,7 +322,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 # The commands of larger capabilities live beside them: each module's `register(commands)` adds its
 # subcommands with the options above.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("attendo.train.cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:
