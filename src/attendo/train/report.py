@@ -19,7 +19,7 @@ console = Console(stderr=True)
 
 def say(message: str) -> None:
     """A line on standard error (the caller decides which process speaks)."""
-    console.print(message, highlight=False)
+    console.print(message, highlight=False, soft_wrap=True)
 
 
 def read_log(out: Path) -> list[dict[str, Any]]:
