@@ -27,6 +27,7 @@ def add_model_options(parser: argparse.ArgumentParser, default: str = DEFAULT_MO
         help="weights in memory: float32, bfloat16, float16, int8 or int4 (default: a GGUF file's "
         "Q8_0/Q4_0/Q4_1 blocks as they are, float32 for everything else)",
     )
+    parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply (e.g. from attendo finetune --lora)")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +88,8 @@ def load_model(args: argparse.Namespace) -> Any:
 
     fast = getattr(args, "fast", False)
     # Quantizing while loading keeps only one block in float32 at a time.
-    model = load(args.model, dtype=args.fast_weights if fast and args.fast_weights in QUANTIZED_FORMATS else args.dtype)
+    dtype = args.fast_weights if fast and args.fast_weights in QUANTIZED_FORMATS else args.dtype
+    model = load(args.model, dtype=dtype, adapter=getattr(args, "adapter", None))
     return model.speed_up(args.fast_weights or "int8") if fast else model
 
 

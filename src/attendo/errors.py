@@ -28,3 +28,7 @@ class ContextLengthError(AttendoError):
 
 class InvalidSettingError(AttendoError, ValueError):
     """A generation setting outside its valid range."""
+
+
+class AdapterError(AttendoError):
+    """A LoRA adapter that cannot be made, read or applied to the model it is given."""

@@ -17,6 +17,7 @@ from attendo.generation.beam import BeamSettings, decoder_beam_search, split_bea
 from attendo.generation.loop import Batch, Event, GenerationResult, Request, run
 from attendo.generation.sampler import SamplingSettings
 from attendo.tokenizer import TextTokenizer
+from attendo.weights.names import CheckpointNames
 
 DEFAULT_MAX_NEW_TOKENS = 128
 _SETTING_NAMES = {f.name for f in fields(SamplingSettings)}
@@ -31,6 +32,9 @@ class Model:
         self.generation_defaults = generation_defaults
         self.source = source
         self.decode_step: Callable[..., torch.Tensor] | None = None
+        # How the checkpoint's tensors made the parameters (attendo.load sets it; None for a model
+        # built from a preset). LoRA adapters name our fused layers' parts with it.
+        self.checkpoint_names: CheckpointNames | None = None
 
     def speed_up(self, weights: str = "int8", compile: bool = True) -> Model:
         """Faster decoding (see attendo.optimize): float32 matrices stored as "int8" or "int4"
