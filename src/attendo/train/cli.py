@@ -90,6 +90,26 @@ def cmd_train(args: argparse.Namespace) -> None:
     _finish(outcome)
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from attendo.train.finetune import finetune
+    from attendo.train.lora import LoraSettings
+
+    lora_flags = [f"--{n.replace('_', '-')}" for n in ("rank", "alpha", "dropout", "target_modules") if getattr(args, n) is not None]
+    if lora_flags and not args.lora:
+        raise UsageError(f"{lora_flags[0]} sets up LoRA: add --lora")
+    lora = None
+    if args.lora:
+        given = {n: getattr(args, n) for n in ("rank", "alpha", "dropout", "target_modules") if getattr(args, n) is not None}
+        lora = LoraSettings(**given)
+    settings = train_settings(args, args.steps or 1)
+    outcome = finetune(
+        Path(args.data), args.model, Path(args.out), settings, epochs=None if args.steps else args.epochs, lora=lora,
+        merge=args.merge, max_len=args.max_len, pack=args.pack, chat=args.chat,
+        eval_data=Path(args.eval_data) if args.eval_data else None, eval_fraction=args.eval_fraction, resume=args.resume,
+    )  # fmt: skip
+    _finish(outcome)
+
+
 def cmd_loss_curve(args: argparse.Namespace) -> None:
     from attendo.train.plot import plot_loss
 
@@ -113,6 +133,29 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.05, help="share of the sequences held out (default 0.05)")
     add_training_options(p, TRAIN_DEFAULTS)
     p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("finetune", help="adapt a model to JSONL examples: all weights, or LoRA adapters")
+    p.add_argument("data", metavar="DATA.jsonl", help='one {"prompt", "completion"} or {"messages": [...]} per line')
+    p.add_argument("--model", "-m", required=True, help="the model to start from: name, directory or .gguf file")
+    p.add_argument("--out", "-o", required=True, help="output folder: the model or adapter, log and checkpoints")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=float, default=3.0, help="passes over the examples (default 3)")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per example at most (default the context, up to 1024)")
+    p.add_argument("--pack", action="store_true", help="pack examples end to end into rows of --max-len instead of padding")
+    p.add_argument("--chat", action="store_true", help="render prompt/completion records with the chat template")
+    p.add_argument("--eval-data", default=None, help="held-out examples (JSONL, same format) for the eval loss")
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="or hold out this share of DATA (default 0)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora", action="store_true", help="train low-rank adapters only; OUT is a PEFT adapter folder")
+    g.add_argument("--rank", type=int, default=None, help="adapter rank (default 8)")
+    g.add_argument("--alpha", type=float, default=None, help="adapter scale numerator: scale = alpha / rank (default 16)")
+    g.add_argument("--dropout", type=float, default=None, help="dropout on the adapters' input (default 0)")
+    g.add_argument("--target-modules", default=None, metavar="NAME,...",
+                   help="layers to adapt, as the checkpoint names them (e.g. q_proj,v_proj) or all-linear")
+    g.add_argument("--merge", action="store_true", help="fold the adapters into the weights: OUT is a whole model")
+    add_training_options(p, FINETUNE_DEFAULTS)
+    p.set_defaults(run=cmd_finetune)
 
     p = commands.add_parser("loss-curve", help="draw a training run's loss curve (from its log.jsonl) as a PNG")
     p.add_argument("run", metavar="DIR", help="the --out folder of attendo train or finetune")

@@ -191,10 +191,13 @@ def save_hf_directory(
     config_json: dict[str, Any],
     generation_config: dict[str, Any],
     source_names: Sequence[str] = (),
+    tokenizer_config: dict[str, Any] | None = None,
 ) -> None:
     """config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
     generation_config.json in `directory`, each file replaced atomically. weights: every
-    parameter of the network by name, a tied weight once (train/checkpoint.py full_weights)."""
+    parameter of the network by name, a tied weight once (train/checkpoint.py full_weights).
+    tokenizer_config: the source model's, when there is one (default: the special tokens and
+    chat template of `tokenizer`)."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = hf_tensors(weights, config, config_json["model_type"], source_names)
     write_safetensors(directory / "model.safetensors", tensors, {"format": "pt"})
@@ -202,5 +205,5 @@ def save_hf_directory(
     temporary = directory / f".tokenizer.json.tmp-{os.getpid()}"
     tokenizer.backend.save(str(temporary))
     os.replace(temporary, directory / "tokenizer.json")
-    write_json(directory / "tokenizer_config.json", tokenizer_files(tokenizer))
+    write_json(directory / "tokenizer_config.json", tokenizer_config or tokenizer_files(tokenizer))
     write_json(directory / "generation_config.json", generation_config)
