@@ -229,7 +229,33 @@ def test_bad_adapter_directories(tiny_model, tmp_path):
 def test_adapter_flag_errors_exit_2(tiny_model, tmp_path, capsys):
     from attendo.cli import main
 
-    code = main(["generate", "hi", "--model", str(tiny_model("llama-gqa")[0]), "--adapter", str(tmp_path), "-n", "2"])
-    assert code == 2
+    directory = tiny_model("llama-gqa")[0]
+    capsys.readouterr()
+    assert main(["generate", "hi", "--model", str(directory), "--adapter", str(tmp_path), "-n", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no adapter_config.json" in err
+
+
+def test_server_serves_an_adapter_as_a_model_of_its_own(tiny_model, tmp_path):
+    from attendo.server import ServerSettings
+    from attendo.server.app import create_app
+    from test_server import LiveServer
+
+    directory = tiny_model("llama-gqa")[0]
+    model = attendo.load(directory)
+    add_lora(model, LoraSettings(rank=4, target_modules=("all-linear",)))
+    _randomize_adapter(model, seed=4)
+    save_adapter(model, tmp_path / "tuned")
+    base = str(directory)
+    server = LiveServer(create_app(ServerSettings(models=[base], adapters={"tuned": str(tmp_path / "tuned")}))).wait_ready()
+    try:
+        client = server.client()
+        assert [m.id for m in client.models.list().data] == [base, "tuned"]
+        for name, expected in ((base, attendo.load(directory)), ("tuned", model)):
+            text = client.completions.create(model=name, prompt="Hello", max_tokens=6, temperature=0).choices[0].text
+            assert text == expected.generate("Hello", max_new_tokens=6, do_sample=False).text
+    finally:
+        server.stop()
+    from attendo.cli import main
+
+    assert main(["serve", "--model", base, "--adapter", f"x={tmp_path}"]) == 2

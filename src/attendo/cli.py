@@ -27,6 +27,9 @@ def add_model_options(parser: argparse.ArgumentParser, default: str = DEFAULT_MO
         help="weights in memory: float32, bfloat16, float16, int8 or int4 (default: a GGUF file's "
         "Q8_0/Q4_0/Q4_1 blocks as they are, float32 for everything else)",
     )
+
+
+def add_adapter_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply (e.g. from attendo finetune --lora)")
 
 
@@ -311,9 +314,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     models = args.model or [DEFAULT_MODEL]
     for name in models:
         resolve(name)  # a name that points at nothing fails now, not in the background
+    adapters = _served_adapters(args.adapter or [], models)
     settings = ServerSettings(
         models=models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-        max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace,
+        max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace, adapters=adapters,
     )  # fmt: skip
     if args.threads:
         import torch
@@ -322,9 +326,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def _served_adapters(specs: list[str], models: list[str]) -> dict[str, str]:
+    """--adapter [NAME=]DIR flags as {served name: directory}, each checked now."""
+    from pathlib import Path
+
+    from attendo.train.lora import read_adapter_config
+
+    adapters = {}
+    for spec in specs:
+        name, _, directory = spec.rpartition("=")
+        name = name or Path(directory).name
+        read_adapter_config(Path(directory))
+        if name in models or name in adapters:
+            raise UsageError(f"--adapter {spec!r}: the name {name!r} is already served (give NAME=DIR)")
+        adapters[name] = directory
+    return adapters
+
+
 # The commands of larger capabilities live beside them: each module's `register(commands)` adds its
 # subcommands with the options above.
-COMMAND_MODULES: tuple[str, ...] = ("attendo.train.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("attendo.train.cli", "attendo.train.eval_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,12 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user message")
     add_model_options(p)
+    add_adapter_option(p)
     add_generation_options(p)
     p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("chat", help="a multi-turn conversation in the terminal")
     p.add_argument("--system", default=None, help="a system prompt")
     add_model_options(p)
+    add_adapter_option(p)
     add_generation_options(p)
     p.set_defaults(run=cmd_chat)
 
@@ -390,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", action="append", default=None,
                    help=f"a model to serve, requested by this name (repeatable; default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default=None, help="weights in memory, as for generate (default: as the file stores them)")
+    p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                   help="also serve the first --model with this LoRA adapter, as model NAME (default: the directory's name; repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (not on /health)")

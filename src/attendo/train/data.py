@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +24,11 @@ from typing import Any, Protocol
 
 import torch
 
-from attendo.errors import AttendoError
+from attendo.errors import DataError
+from attendo.train.evaluate import json_line
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 IGNORE = -100  # the label of a position that takes no loss (prompt tokens, padding)
-
-
-class DataError(AttendoError):
-    """Training data that cannot be used: missing, empty, malformed, or too short."""
 
 
 # --- reading files ---------------------------------------------------------------------------
@@ -66,15 +62,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
+        if line.strip():
+            yield number, json_line(path, number, line)
 
 
 def read_texts(files: Iterable[Path], text_field: str = "text") -> list[str]:

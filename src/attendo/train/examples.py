@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attendo.errors import AttendoError
+from attendo.errors import AttendoError, DataError
 from attendo.tokenizer import TextTokenizer
-from attendo.train.data import DataError, Example, read_jsonl
+from attendo.train.data import Example, read_jsonl
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from attendo.errors import InvalidSettingError, UnsupportedModelError
+from attendo.errors import DataError, InvalidSettingError, UnsupportedModelError
 from attendo.loader import load, read_checkpoint
 from attendo.model import Model
 from attendo.registry import resolve
 from attendo.train import checkpoint, distributed, export
-from attendo.train.data import DataError, Dataset, Example, PaddedExamples, Seq2SeqExamples, pack_examples
+from attendo.train.data import Dataset, Example, PaddedExamples, Seq2SeqExamples, pack_examples
 from attendo.train.examples import ExampleMaker, Record, end_of_sequence, read_records, truncate
 from attendo.train.lora import LoraSettings, add_lora, merge_lora, save_adapter
 from attendo.train.loop import Job, Outcome, Trainer

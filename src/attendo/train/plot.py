@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attendo.train.data import DataError
+from attendo.errors import DataError
 from attendo.train.report import LOG_NAME, read_log
 
 PLOT_NAME = "loss.png"

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from attendo.config import ModelConfig
-from attendo.errors import CheckpointError, InvalidSettingError, UnsupportedModelError
+from attendo.errors import CheckpointError, DataError, InvalidSettingError, UnsupportedModelError
 from attendo.models import build_network
 from attendo.presets import preset
 from attendo.tokenizer import TextTokenizer
 from attendo.train import checkpoint, distributed, export
 from attendo.train.bpe import train_bpe
-from attendo.train.data import DataError, PackedTokens, read_texts, text_files
+from attendo.train.data import PackedTokens, read_texts, text_files
 from attendo.train.loop import Job, Outcome, Trainer
 from attendo.train.plot import plot_loss
 from attendo.train.report import say

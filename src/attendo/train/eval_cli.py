@@ -1,0 +1,304 @@
+"""`attendo eval`: measure one model, or compare several runs side by side in one table.
+
+A run is the command line with some settings changed: the model, its adapter and dtype, and any
+generation setting. Runs come from repeated --model and --adapter flags and --vary SETTING=A,B
+(every combination, in that order), or from a --runs JSON file listing them. Each run is scored
+on the same data: perplexity of a text (--perplexity) or answers to prompts scored against
+references (--data; see attendo.train.evaluate). The table goes to the terminal; --out writes
+JSON (with every answer) or CSV; --json prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attendo.cli import UsageError, add_generation_options, generation_settings, load_model
+from attendo.errors import DataError
+from attendo.registry import DEFAULT_MODEL
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes", "on"):
+        return True
+    if str(value).lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _adapter(value: Any) -> str | None:
+    return None if value in (None, "", "none") else str(value)
+
+
+# What a run may change (the option names' argparse destinations) and how a value is read.
+RUN_SETTINGS: dict[str, Callable[[Any], Any]] = {
+    "model": str, "adapter": _adapter, "dtype": str, "chat": _flag,
+    "max_new_tokens": int, "greedy": _flag, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
+    "repetition_penalty": float, "seed": int, "num_beams": int, "length_penalty": float,
+    "no_repeat_ngram_size": int,
+}  # fmt: skip
+_SAMPLING = ("temperature", "top_k", "top_p", "min_p")
+# Metrics where lower is better (the table marks the best run of each column).
+_LOWER_IS_BETTER = {"perplexity", "nll"}
+
+
+@dataclass
+class Run:
+    name: str
+    options: argparse.Namespace  # the command line with this run's settings in place
+    changes: dict[str, Any]
+    metrics: dict[str, float | int] | None = None
+    answers: list[str] | None = None
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "eval", help="perplexity of a text, or ROUGE / exact match against references; compare models, adapters, settings",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )  # fmt: skip
+    p.add_argument("--model", "-m", action="append", default=None,
+                   help=f"name, directory or .gguf file (repeatable: one run per model; default {DEFAULT_MODEL})")
+    p.add_argument("--adapter", action="append", default=None,
+                   help="a PEFT LoRA adapter directory (repeatable: one run per adapter; 'none' is the base model alone)")
+    p.add_argument("--dtype", default=None, help="weights in memory, as for generate")
+    task = p.add_mutually_exclusive_group(required=True)
+    task.add_argument("--perplexity", metavar="TEXT", help="a text file, or a folder of .txt/.md files, to score")
+    task.add_argument("--data", metavar="DATA.jsonl", help='prompts and references: {"prompt", "reference"} or {"messages"} per line')
+    p.add_argument("--window", type=int, default=None, help="perplexity: tokens per window (default min(context, 1024))")
+    p.add_argument("--stride", type=int, default=None, help="perplexity: tokens between window starts (default window / 2)")
+    p.add_argument("--chat", action="store_true", help="data: wrap each prompt in the model's chat template as a user message")
+    p.add_argument("--regex", default=None, help="data: also report the share of answers in which this pattern is found")
+    p.add_argument("--json-valid", action="store_true", help="data: also report the share of answers that are valid JSON")
+    p.add_argument("--batch-size", type=int, default=8, help="data: prompts generated together (default 8)")
+    p.add_argument("--limit", type=int, default=None, help="data: only the first N examples")
+    p.add_argument("--vary", action="append", default=[], metavar="SETTING=A,B,...",
+                   help=f"one run per value, in every combination (settings: {', '.join(RUN_SETTINGS)})")
+    p.add_argument("--runs", default=None, metavar="RUNS.json",
+                   help='a JSON list of runs, each an object of settings (and an optional "name"), instead of the flags')
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the results: .json (with every answer) or .csv")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_generation_options(p)
+    p.set_defaults(run=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from attendo.train import evaluate, perplexity
+
+    if args.out and Path(args.out).suffix not in (".json", ".csv"):
+        raise UsageError("--out must name a .json or .csv file")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise UsageError("--batch-size and --limit must be at least 1")
+    checks = evaluate.Checks(_pattern(args.regex), args.json_valid)
+    runs = build_runs(args)
+    if args.perplexity:
+        text = perplexity.read_text(args.perplexity)
+        for run, model in _models(runs):
+            run.metrics = perplexity.perplexity(model, text, run.options.window, run.options.stride).to_dict()
+    else:
+        examples = evaluate.read_examples(args.data)[: args.limit]
+        references = [e.reference for e in examples]
+        for run, model in _models(runs):
+            prompts = [e.prompt_text(model, run.options.chat) for e in examples]
+            with _progress(run.name, len(prompts), quiet=args.json) as advance:
+                answers = evaluate.answer(model, prompts, args.batch_size, _generate_options(run.options, model), advance)
+            run.answers = answers.texts
+            run.metrics = {
+                **evaluate.score(answers.texts, references, checks),
+                "examples": len(examples),
+                "tokens": answers.tokens,
+                "seconds": round(answers.seconds, 2),
+            }
+    if args.out:
+        write_results(Path(args.out), runs, args, examples if args.data else None)
+    if args.json:
+        print(json.dumps(runs[0].metrics if len(runs) == 1 else {"runs": [{"name": r.name, **r.metrics} for r in runs]}))
+    else:
+        _print_table(runs, args)
+
+
+def build_runs(args: argparse.Namespace) -> list[Run]:
+    """The runs the flags (or the --runs file) ask for, each with its own copy of the options."""
+    if args.runs:
+        if args.vary or (args.model and len(args.model) > 1) or (args.adapter and len(args.adapter) > 1):
+            raise UsageError("give the runs either in --runs or with repeated --model/--adapter and --vary, not both")
+        changes = _read_runs_file(Path(args.runs))
+    else:
+        axes = {"model": args.model or [DEFAULT_MODEL], "adapter": [_adapter(a) for a in args.adapter or [None]]}
+        for spec in args.vary:
+            name, values = _vary(spec)
+            if name in axes:
+                raise UsageError(f"--vary {name} given twice (repeat --model/--adapter instead of varying them)")
+            axes[name] = values
+        changes = [dict(zip(axes, combination)) for combination in itertools.product(*axes.values())]
+    varied = {k for k in set().union(*changes) if len({repr(c.get(k)) for c in changes}) > 1 and k != "name"}
+    runs = []
+    for change in changes:
+        first = {"model": (args.model or [DEFAULT_MODEL])[0], "adapter": _adapter((args.adapter or [None])[0])}
+        options = argparse.Namespace(**{**vars(args), **first})
+        for key, value in change.items():
+            if key != "name":
+                setattr(options, key, value)
+        runs.append(Run(change.get("name") or _run_name(options, change, varied), options, change))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"two runs are both named {next(n for n in names if names.count(n) > 1)!r}")
+    return runs
+
+
+def _vary(spec: str) -> tuple[str, list[Any]]:
+    name, sep, values = spec.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or not values:
+        raise UsageError(f"--vary {spec!r}: expected SETTING=VALUE,VALUE,...")
+    return name, [_setting(name, v.strip(), f"--vary {spec!r}") for v in values.split(",")]
+
+
+def _setting(name: str, value: Any, where: str) -> Any:
+    if name not in RUN_SETTINGS:
+        raise UsageError(f"{where}: unknown setting {name!r} (settings: {', '.join(RUN_SETTINGS)})")
+    try:
+        return RUN_SETTINGS[name](value)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{where}: {name} {value!r} is not valid ({e})") from None
+
+
+def _read_runs_file(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
+        raise DataError(f"{path}: expected a non-empty JSON list of objects, one per run")
+    checked = []
+    for number, run in enumerate(runs, 1):
+        where = f"{path}: run {number}"
+        settings = {k.replace("-", "_"): _setting(k.replace("-", "_"), v, where) for k, v in run.items() if k != "name"}
+        checked.append({**settings, **({"name": str(run["name"])} if "name" in run else {})})
+    return checked
+
+
+def _run_name(options: argparse.Namespace, change: dict[str, Any], varied: set[str]) -> str:
+    name = Path(options.model).name
+    if options.adapter:
+        name += f" + {Path(options.adapter).name}"
+    return " ".join([name, *(f"{k}={change[k]}" for k in change if k in varied and k not in ("model", "adapter"))])
+
+
+def _models(runs: list[Run]) -> Iterator[tuple[Run, Any]]:
+    """(run, model) for every run; runs in a row on the same model, adapter and dtype share one load."""
+    loaded_key, model = None, None
+    for run in runs:
+        o = run.options
+        key = (o.model, o.adapter, o.dtype, o.fast, o.fast_weights)
+        if key != loaded_key:
+            model = None  # let the previous one go before the next loads
+            model, loaded_key = load_model(o), key
+        yield run, model
+
+
+def _generate_options(options: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """Model.generate's arguments for one run. Evaluation decodes greedily unless a sampling
+    setting is given, and a sampled run is seeded (default 0) so that it can be repeated."""
+    options = argparse.Namespace(**vars(options))
+    sampling = any(getattr(options, k) is not None for k in _SAMPLING)
+    if not sampling:
+        options.greedy = True
+    elif options.seed is None:
+        options.seed = 0
+    return {"max_new_tokens": options.max_new_tokens, "stop": options.stop, **generation_settings(options, model)}
+
+
+def _pattern(regex: str | None) -> re.Pattern[str] | None:
+    if regex is None:
+        return None
+    try:
+        return re.compile(regex)
+    except re.error as e:
+        raise UsageError(f"--regex {regex!r} is not a valid regular expression ({e})") from None
+
+
+@contextmanager
+def _progress(name: str, total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A transient progress bar on standard error while a run generates; yields advance(n)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True, disable=quiet) as progress:
+        task = progress.add_task(name, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def _metric_names(runs: Sequence[Run]) -> list[str]:
+    return list(dict.fromkeys(k for r in runs for k in r.metrics or {}))
+
+
+def _print_table(runs: list[Run], args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = [n for n in _metric_names(runs) if n != "examples"]
+    if args.perplexity:
+        title = f"perplexity of {args.perplexity}"
+    else:
+        title = f"answers to {runs[0].metrics['examples']} prompts of {args.data}"
+    table = Table(title=f"attendo eval: {title}")
+    table.add_column("run", overflow="fold")  # a cut name is no use; the numbers are never cut
+    best = {}
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
+        if len(runs) > 1 and name not in ("tokens", "windows", "seconds"):
+            values = [r.metrics[name] for r in runs]
+            best[name] = min(values) if name in _LOWER_IS_BETTER else max(values)
+    for run in runs:
+        cells = []
+        for name in names:
+            value = run.metrics[name]
+            text = f"{value:.4f}" if isinstance(value, float) and name != "seconds" else str(value)
+            cells.append(f"[bold]{text}[/bold]" if name in best and value == best[name] else text)
+        table.add_row(run.name, *cells)
+    Console().print(table)
+
+
+def write_results(path: Path, runs: list[Run], args: argparse.Namespace, examples: list[Any] | None) -> None:
+    """JSON: every run's settings, metrics and answers; CSV: one row of settings and metrics per run."""
+    settings = sorted({k for r in runs for k in r.changes if k != "name"} | {"model", "adapter"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        document = {
+            "task": "perplexity" if args.perplexity else "data",
+            "source": args.perplexity or args.data,
+            "runs": [
+                {
+                    "name": r.name,
+                    "settings": {k: getattr(r.options, k) for k in settings},
+                    "metrics": r.metrics,
+                    **({"answers": [
+                        {"line": e.line, "prompt": e.prompt, "messages": list(e.messages) or None, "reference": e.reference, "answer": a}
+                        for e, a in zip(examples, r.answers)
+                    ]} if examples is not None else {}),
+                }
+                for r in runs
+            ],
+        }  # fmt: skip
+        path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    else:
+        names = _metric_names(runs)
+        with path.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file)
+            writer.writerow(["name", *settings, *names])
+            for r in runs:
+                writer.writerow([r.name, *(getattr(r.options, k) for k in settings), *(r.metrics.get(n, "") for n in names)])
+    print(f"wrote {path}", file=sys.stderr)
