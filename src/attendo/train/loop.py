@@ -134,7 +134,7 @@ class Trainer:
         self.autocast = autocast_dtype(settings.precision, processes.device)
         self.loss_sum = self._loss_function()
         self.stop_requested = False
-        self.tokens, self.elapsed = 0, 0.0
+        self.tokens, self.earlier_seconds = 0, 0.0  # tokens trained; seconds of earlier runs (resumed)
 
     def _loss_function(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,6 +147,7 @@ class Trainer:
     def run(self, resume: bool) -> Outcome:
         settings, out = self.settings, self.job.out
         first_step = self._restore(resume)
+        self._started = time.perf_counter()
         last: dict[str, Any] = {}
         eval_loss = None
         with Report(out, settings.steps, first_step, self.processes.is_main) as report, self._signals():
@@ -183,7 +184,7 @@ class Trainer:
         saved = checkpoint.read_state(folder)
         self._check_same_run(saved, folder)
         state = checkpoint.load_checkpoint(folder, self.network, self.optimizer, processes, self.settings.seed)
-        self.tokens, self.elapsed = state["tokens"], state["elapsed"]
+        self.tokens, self.earlier_seconds = state["tokens"], state["elapsed"]
         if processes.is_main:
             note = "" if state["world_size"] == processes.world_size else f" (saved by {state['world_size']} processes)"
             say(f"resuming from {folder}{note}")
@@ -220,7 +221,7 @@ class Trainer:
                 self.module.set_requires_gradient_sync(True)
 
     def _step(self, step: int) -> dict[str, Any]:
-        started = time.perf_counter()
+        started = time.perf_counter()  # this step's own time: tokens per second
         p, settings = self.processes, self.settings
         micro_batches = [self.job.train.batch(rows) for rows in shard(self.order.step(step), p.rank, p.world_size, self.micro_batch)]
         local = [sum(_targets(b) for b in micro_batches), sum(_tokens(b) for b in micro_batches)]
@@ -244,7 +245,6 @@ class Trainer:
         total_loss = all_sum([loss_sum], p)[0]
         seconds = time.perf_counter() - started
         self.tokens += int(tokens)
-        self.elapsed += seconds
         return {
             "step": step + 1,
             "loss": total_loss / max(targets, 1.0),
@@ -253,7 +253,7 @@ class Trainer:
             "grad_norm": float(norm),
             "tokens_per_second": tokens / seconds,
             "epoch": self.order.epoch_of(step + 1),
-            "elapsed": self.elapsed,
+            "elapsed": self.earlier_seconds + time.perf_counter() - self._started,  # wall time, logging included
         }
 
     @torch.no_grad()
@@ -284,7 +284,7 @@ class Trainer:
         weights = checkpoint.full_weights(self.network)
         state = {
             "tokens": self.tokens,
-            "elapsed": self.elapsed,
+            "elapsed": self.earlier_seconds + time.perf_counter() - self._started,
             "settings": self.settings.to_dict(),
             "job": self.job.record,
         }
