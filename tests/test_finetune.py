@@ -73,31 +73,52 @@ def test_only_answer_tokens_take_loss(tiny_llama, tmp_path):
     assert batch["labels"][0, len(example.ids) - 1 :].eq(IGNORE).all()  # the padding
 
 
-def test_full_finetuning_learns_the_answers_and_saves_a_model(tiny_model, tmp_path):
-    directory, reference = tiny_model("llama-gqa")
-    data, out = _data(tmp_path), tmp_path / "tuned"
-    finetune(data, str(directory), out, _settings())
-    log = read_log(out)
-
-    # The first step's loss (weights untouched) is transformers' masked cross-entropy, per token.
-    model = attendo.load(directory)
+def _first_batch_loss(model, data, logits) -> float:
+    """The mean cross-entropy over the answer tokens of every example in data, one batch."""
     eos = model.tokenizer.token_to_id(model.tokenizer.eos_token)
     maker = ExampleMaker(model.tokenizer, eos, seq2seq=False, chat=False)
     examples = [maker(r) for r in read_records(data)]
     batch = PaddedExamples(examples, pad_id=0).batch(list(range(len(examples))))
     with torch.no_grad():
-        expected = reference(batch["tokens"], labels=None).logits
-    loss = torch.nn.functional.cross_entropy(expected.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
-    assert log[0]["loss"] == pytest.approx(float(loss), rel=1e-5)
+        values = logits(batch["tokens"])
+    return float(torch.nn.functional.cross_entropy(values.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE))
+
+
+def _same_logits_in_transformers(out, model) -> None:
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([model.tokenizer.encode(PAIRS[1][0])])
+    assert transformers.AutoTokenizer.from_pretrained(out)(PAIRS[1][0]).input_ids == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(ids), reloaded(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_full_finetuning_learns_the_answers_and_saves_a_model(tiny_model, tmp_path):
+    directory, reference = tiny_model("llama-gqa")
+    data, out = _data(tmp_path), tmp_path / "tuned"
+    finetune(data, str(directory), out, _settings())
+    log = read_log(out)
+    # The first step's loss (weights untouched) is transformers' masked cross-entropy, per token.
+    expected = _first_batch_loss(attendo.load(directory), data, lambda ids: reference(ids).logits)
+    assert log[0]["loss"] == pytest.approx(expected, rel=1e-5)
     assert log[-1]["loss"] < 0.1 * log[0]["loss"]
 
     tuned = attendo.load(out)
     for prompt, completion in PAIRS:
         assert tuned.generate(prompt, max_new_tokens=40, do_sample=False).text == completion  # stops at EOS
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = torch.tensor([tuned.tokenizer.encode(PAIRS[1][0])])
-    with torch.no_grad():
-        assert float((reloaded(ids).logits - tuned.logits(ids)).abs().max()) < 1e-4
+    _same_logits_in_transformers(out, tuned)
+
+
+def test_a_gguf_file_trains_dequantized_and_saves_as_a_model_directory(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from test_gguf_reader import byte_level_vocab, hf_llama, write_gguf
+
+    path = write_gguf(tmp_path / "tiny.gguf", hf_llama(len(byte_level_vocab()[0]), seed=1), qtype=Q.Q8_0)
+    data, out = _data(tmp_path), tmp_path / "from-gguf"
+    finetune(data, str(path), out, _settings(steps=3, lr=1e-4))
+    start = attendo.load(path, dtype="float32")  # the file's Q8_0 blocks, dequantized
+    assert read_log(out)[0]["loss"] == pytest.approx(_first_batch_loss(start, data, start.network), rel=1e-5)
+    _same_logits_in_transformers(out, attendo.load(out))
 
 
 def test_lora_trains_only_the_adapter(tiny_model, tmp_path):

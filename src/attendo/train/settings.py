@@ -42,21 +42,17 @@ class TrainSettings:
     strategy: Strategy = "ddp"
 
     def __post_init__(self) -> None:
-        if self.min_lr is None:
-            object.__setattr__(self, "min_lr", self.lr / 10)
-        if self.warmup_steps is None:
-            object.__setattr__(self, "warmup_steps", max(1, round(0.05 * self.steps)))
         problems = []
         if not self.lr > 0:
             problems.append(f"--lr must be above 0, got {self.lr}")
-        if not 0 <= self.min_lr <= max(self.lr, 0):
+        elif not 0 <= self.final_lr <= self.lr:
             problems.append(f"--min-lr must be between 0 and --lr, got {self.min_lr}")
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             problems.append(f"--micro-batch-size must be at least 1, got {self.micro_batch_size}")
-        if self.warmup_steps < 0:
+        if self.warmup < 0:
             problems.append(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
         if self.weight_decay < 0 or self.clip < 0:
             problems.append("--weight-decay and --clip must be 0 or more")
@@ -69,6 +65,16 @@ class TrainSettings:
         if problems:
             raise InvalidSettingError("; ".join(problems))
 
+    @property
+    def final_lr(self) -> float:
+        """The learning rate the cosine decay ends at."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def warmup(self) -> int:
+        """Steps of linear warm-up."""
+        return max(1, round(0.05 * self.steps)) if self.warmup_steps is None else self.warmup_steps
+
     def replace(self, **changes: Any) -> TrainSettings:
         return dataclasses.replace(self, **changes)
 
@@ -79,7 +85,7 @@ class TrainSettings:
 def learning_rate(step: int, settings: TrainSettings) -> float:
     """The learning rate of optimizer step `step` (0-based): rises linearly over the warm-up
     steps, then follows half a cosine from lr down to min_lr at the last step."""
-    lr, floor, warmup = settings.lr, settings.min_lr, settings.warmup_steps
+    lr, floor, warmup = settings.lr, settings.final_lr, settings.warmup
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, settings.steps - warmup))
