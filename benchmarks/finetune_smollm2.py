@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--train", type=int, default=320, help="training examples")
     parser.add_argument("--eval", type=int, default=60, help="evaluation examples (other dates)")
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--lr", type=float, default=None)
     args = parser.parse_args()

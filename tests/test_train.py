@@ -56,6 +56,8 @@ def test_a_tiny_model_memorises_its_corpus_and_generates_it(tmp_path):
     assert log[-1]["loss"] < 0.2 < 4.0 < log[0]["loss"]  # ln(300) = 5.7 at the start
     assert outcome.eval_loss < 0.3 and log[-1]["tokens"] == 120 * 8 * 32
     assert (out / "loss.png").stat().st_size > 10_000
+    assert main(["loss-curve", str(out), "--output", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 10_000
 
     model = attendo.load(out)  # the output folder as it is
     for sentence in SENTENCES:

@@ -113,7 +113,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_loss_curve(args: argparse.Namespace) -> None:
     from attendo.train.plot import plot_loss
 
-    print(plot_loss(Path(args.run), Path(args.output) if args.output else None))
+    print(plot_loss(Path(args.directory), Path(args.output) if args.output else None))
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -158,6 +158,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_finetune)
 
     p = commands.add_parser("loss-curve", help="draw a training run's loss curve (from its log.jsonl) as a PNG")
-    p.add_argument("run", metavar="DIR", help="the --out folder of attendo train or finetune")
+    p.add_argument("directory", metavar="DIR", help="the --out folder of attendo train or finetune")
     p.add_argument("--output", default=None, help="the PNG to write (default DIR/loss.png)")
     p.set_defaults(run=cmd_loss_curve)

@@ -35,10 +35,13 @@ def plot_loss(out: Path, png: Path | None = None) -> Path:
     losses = [r["loss"] for r in records]
     evaluated = [r for r in records if "eval_loss" in r]
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
-    axes.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label="train loss")
     window = max(1, len(losses) // 50)
-    axes.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=2,
-              label=f"train loss, mean of {window} steps" if window > 1 else None)  # fmt: skip
+    if window > 1:  # long runs: every step faint, and the mean of the last `window` steps
+        axes.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label="train loss")
+        axes.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=2,
+                  label=f"train loss, mean of {window} steps")  # fmt: skip
+    else:
+        axes.plot(steps, losses, color="tab:blue", linewidth=2, label="train loss")
     if evaluated:
         axes.plot([r["step"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", color="tab:orange",
                   label="held-out loss")  # fmt: skip
