@@ -8,6 +8,8 @@ import csv
 import json
 import math
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,27 +23,10 @@ from conftest import TOKENIZER_CORPUS, copy_model
 from test_seq2seq import MAKERS
 
 transformers = pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from eval_perplexity import transformers_perplexity  # noqa: E402  (the reference: transformers' guide)
 
 TEXT = "\n".join(TOKENIZER_CORPUS * 4)
-
-
-def _reference_perplexity(reference, ids: torch.Tensor, window: int, stride: int) -> float:
-    """transformers' perplexity guide: labels -100 on the context, the model's own mean loss
-    weighted by the number of tokens it scored."""
-    total, scored, reached = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + window, len(ids))
-        chunk = ids[begin:end][None]
-        labels = chunk.clone()
-        labels[:, : max(reached, begin) - begin] = -100
-        counted = int((labels[:, 1:] != -100).sum())
-        with torch.no_grad():
-            total += float(reference(chunk, labels=labels).loss) * counted
-        scored += counted
-        reached = end
-        if end == len(ids):
-            break
-    return math.exp(total / scored)
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "gpt2"])
@@ -52,7 +37,7 @@ def test_perplexity_equals_transformers(tiny_model, kind):
     assert len(ids) > 200
     for window, stride in ((64, 24), (64, 64), (128, 100)):
         ours = perplexity(model, TEXT, window, stride)
-        expected = _reference_perplexity(reference, ids, window, stride)
+        expected, _ = transformers_perplexity(reference, ids, window, stride)
         assert abs(ours.perplexity / expected - 1) < 1e-3, (window, stride)
         assert ours.tokens == len(ids) - 1 - (len(ids) - 1) // window * (stride == window)
     short = TOKENIZER_CORPUS[1]
@@ -116,9 +101,8 @@ def test_cli_compares_models_adapters_and_settings(tiny_model, tmp_path, capsys)
     table = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     names = [r["name"] for r in results["runs"]]
-    assert names == ["llama-gqa0 temperature=0.0", "llama-gqa0 temperature=1.5", "llama-gqa0 + lora temperature=0.0",
-                     "llama-gqa0 + lora temperature=1.5"]  # fmt: skip
-    assert all(name in table for name in ("exact_match", "rougeL", "answers to 3 prompts", "temperature=1.5"))
+    assert names == ["base temperature=0.0", "base temperature=1.5", "+ lora temperature=0.0", "+ lora temperature=1.5"]
+    assert all(name in table for name in ("exact", "rougeL", "eval of llama-gqa0: answers to 3 prompts", "+ lora temperature=1.5"))
     greedy, _, adapted_greedy, _ = results["runs"]
     assert [a["answer"] for a in greedy["answers"]] == answers
     assert greedy["metrics"]["exact_match"] == 1.0 and greedy["metrics"]["rouge1"] == 1.0
@@ -183,10 +167,45 @@ def test_bad_eval_input_exits_2(tiny_model, tmp_path, tmp_path_factory, capsys):
         ([t5, "--perplexity", text], "needs a decoder-only model"),
         ([llama, "--perplexity", text, "--window", "1000"], "window must be between 2 and the model's context length 128"),
         ([llama, "--perplexity", text, "--vary", "temprature=1"], "unknown setting 'temprature'"),
-        ([llama, "--data", text, "--regex", "("], "not a valid regular expression"),
+        ([llama, "--data", text, "--match-regex", "("], "not a valid regular expression"),
     ]
     for extra, message in cases:
         argv = ["eval", "-m", *extra]
         assert main(argv) == 2, extra
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (extra, err)
+
+
+def test_zero_one_few_shot_comparison_with_a_template(tiny_model, tmp_path, capsys):
+    """--vary shots=0,1,2: each run's answers are what 13b's prompting API generates from the
+    same template, examples and input."""
+    from attendo.prompting.templates import PromptTemplate, choose_examples, complete, read_examples, render_prompt
+
+    directory = tiny_model("llama-gqa")[0]
+    (tmp_path / "task.jinja").write_text("Answer about {{ topic }}.")
+    (tmp_path / "shots.jsonl").write_text(
+        "\n".join(json.dumps({"input": i, "output": o}) for i, o in [("Hello", "world"), ("The capital", "Paris"), ("one", "two")])
+    )
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "reference": "Tokyo"}) for p in ["The capital of Japan", "def add"]))
+    argv = ["eval", "-m", str(directory), "--data", str(data), "--template", str(tmp_path / "task.jinja"),
+            "--var", "topic=cities", "--examples", str(tmp_path / "shots.jsonl"), "--vary", "shots=0,1,2",
+            "--completion", "-n", "5", "--out", str(tmp_path / "shots.json")]  # fmt: skip
+    assert main(argv) == 0
+    runs = json.loads((tmp_path / "shots.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["shots=0", "shots=1", "shots=2"]
+    model = attendo.load(directory)
+    template, pool = PromptTemplate.from_file(tmp_path / "task.jinja"), read_examples(tmp_path / "shots.jsonl")
+    for shots, run in enumerate(runs):
+        expected = []
+        for prompt in ["The capital of Japan", "def add"]:
+            rendered = render_prompt(model, template, {"topic": "cities"}, choose_examples(pool, shots), prompt, False, 5)
+            expected.append(complete(model, rendered, max_new_tokens=5, do_sample=False).text)
+        assert [a["answer"] for a in run["answers"]] == expected, shots
+
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert 'data.jsonl:1: a conversation ("messages") cannot be laid out' in capsys.readouterr().err
+    assert main(["eval", "-m", str(directory), "--data", str(data), "--shots", "2"]) == 2
+    assert "--shots needs --examples" in capsys.readouterr().err

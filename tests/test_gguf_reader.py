@@ -379,13 +379,17 @@ def test_add_bos_token_adds_bos(tmp_path: Path) -> None:
     assert tok.encode("hello", add_special_tokens=False).ids[0] != 1
 
 
-def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
+SPM_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "Hello world, hello there!",
+    "def add(a, b):\n    return a + b", "Numbers like 12345 and 678 appear here.",
+    "Tokenizers split text into pieces.", "  leading spaces and\ttabs",
+] * 20  # fmt: skip
+
+
+def sentencepiece_vocab(corpus: list[str] = SPM_CORPUS) -> dict[str, Any]:
+    """GGUF tokenizer metadata of a SentencePiece BPE model (byte fallback, "▁" for spaces)
+    trained on corpus, as llama.cpp's converter writes it."""
     spm = pytest.importorskip("sentencepiece")
-    corpus = [
-        "The quick brown fox jumps over the lazy dog.", "Hello world, hello there!",
-        "def add(a, b):\n    return a + b", "Numbers like 12345 and 678 appear here.",
-        "Tokenizers split text into pieces.", "  leading spaces and\ttabs",
-    ] * 20  # fmt: skip
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=400,
@@ -399,7 +403,7 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
             return 4
         return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
 
-    vocab = {
+    return {
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": pieces,
         "tokenizer.ggml.scores": [sp.get_score(i) for i in range(len(pieces))],
@@ -407,10 +411,14 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
         "tokenizer.ggml.unknown_token_id": 0,
         "tokenizer.ggml.add_bos_token": True,
     }
-    path = write_gguf(tmp_path / "spm.gguf", hf_llama(len(pieces)), tokenizer=vocab)
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
+    vocab = sentencepiece_vocab()
+    path = write_gguf(tmp_path / "spm.gguf", hf_llama(len(vocab["tokenizer.ggml.tokens"])), tokenizer=vocab)
     ckpt = read_gguf(path)
     reference = transformers_tokenizer(path)
-    for text in MIXED_TEXT + corpus[:6]:
+    for text in MIXED_TEXT + SPM_CORPUS[:6]:
         ids = ckpt.tokenizer.encode(text).ids
         assert ids == reference.encode(text), text
         assert ckpt.tokenizer.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)

@@ -259,3 +259,21 @@ def test_server_serves_an_adapter_as_a_model_of_its_own(tiny_model, tmp_path):
     from attendo.cli import main
 
     assert main(["serve", "--model", base, "--adapter", f"x={tmp_path}"]) == 2
+
+
+def test_peft_rank_and_alpha_patterns_and_rslora(tiny_model, tmp_path):
+    """Per-layer ranks (read from the tensors' shapes), per-layer alphas and rank-stabilised
+    scaling (alpha / sqrt(rank)) as peft applies them."""
+    directory = tiny_model("llama-gqa")[0]
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+        rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}, use_rslora=True,
+    )  # fmt: skip
+    torch.manual_seed(5)
+    adapted = peft.get_peft_model(_reference(directory), config).eval()
+    adapted.save_pretrained(tmp_path / "patterns")
+    model = attendo.load(directory, adapter=tmp_path / "patterns")
+    part = model.network.blocks[0].attn.qkv.parts["v_proj"]
+    assert part.rank == 2 and part.scale == pytest.approx(8 / 2**0.5)
+    inputs = _inputs(model)
+    assert max_diff(_attendo_logits(model, inputs), _reference_logits(adapted, inputs)) < 1e-4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,6 +54,10 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--length-penalty", type=float, default=None, help="beam search: > 0 favours longer outputs, < 0 shorter")
     g.add_argument("--early-stopping", type=_early_stopping, default=None, help="beam search: true, false or never")
     g.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
+    s = parser.add_argument_group("structured output")
+    s.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="the output is JSON valid against this JSON Schema file ('object': any JSON object)")
+    s.add_argument("--regex", default=None, help="the output matches this regular expression")
 
 
 def _early_stopping(value: str) -> bool | str:
@@ -75,6 +80,7 @@ def generation_settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
         "early_stopping": args.early_stopping,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
     }
+    chosen |= structured_output(args)
     if args.greedy:
         return {**chosen, "do_sample": False}
     # Beam search, translation and summaries are deterministic unless sampling is asked for.
@@ -83,6 +89,35 @@ def generation_settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     if not deterministic and not any(k in model.generation_defaults for k in ("do_sample", "temperature", "top_p", "top_k")):
         chosen = {**{k: v for k, v in CLI_SAMPLING.items() if chosen[k] is None}, **{k: v for k, v in chosen.items() if v is not None}}
     return chosen
+
+
+def structured_output(args: argparse.Namespace) -> dict[str, Any]:
+    """--json-schema FILE / --regex as generate's json_schema / regex."""
+    if args.json_schema is not None and args.regex is not None:
+        raise UsageError("give --json-schema or --regex, not both")
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.json_schema is None:
+        return {}
+    if args.json_schema == "object":
+        return {"json_schema": {"type": "object"}}
+    try:
+        with open(args.json_schema, encoding="utf-8") as file:
+            return {"json_schema": json.load(file)}
+    except OSError as e:
+        raise UsageError(f"cannot read --json-schema {args.json_schema}: {e.strerror}") from None
+    except ValueError as e:
+        raise UsageError(f"--json-schema {args.json_schema} is not valid JSON: {e}") from None
+
+
+def check_complete(result: Any, settings: dict[str, Any]) -> None:
+    """Structured output cut off by the token limit is no match: say so rather than end quietly."""
+    if result.finish_reason == "length" and ("json_schema" in settings or "regex" in settings):
+        what = "JSON" if "json_schema" in settings else "match"
+        raise UsageError(
+            f"the output was cut off after {len(result.token_ids)} tokens, before the {what} was complete; "
+            "raise --max-new-tokens"
+        )
 
 
 def load_model(args: argparse.Namespace) -> Any:
@@ -106,13 +141,24 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     model = load_model(args)
-    prompt = read_prompt(args)
+    prompt: str | list[int] = read_prompt(args)
     if args.chat:
-        prompt = model.chat_prompt([{"role": "user", "content": prompt}])
-    for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **generation_settings(args, model)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        prompt = model.encode_chat([{"role": "user", "content": prompt}])
+    settings = generation_settings(args, model)
+    pieces = model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **settings)
+    result = yield_to(pieces, sys.stdout)
     sys.stdout.write("\n")
+    check_complete(result, settings)
+
+
+def yield_to(pieces: Any, out: Any) -> Any:
+    """Write each streamed piece as it comes; the stream's GenerationResult at the end."""
+    while True:
+        try:
+            out.write(next(pieces))
+        except StopIteration as done:
+            return done.value
+        out.flush()
 
 
 CHAT_HELP = """commands: /reset (forget the conversation), /set NAME VALUE (e.g. /set temperature 0.2,
@@ -163,18 +209,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "user", "content": line})
         conversation = ([{"role": "system", "content": system}] if system else []) + messages
         try:
-            prompt = model.chat_prompt(conversation)
-            reply = []
             print("assistant> ", end="", flush=True)
-            for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **generation_settings(args, model)):
-                reply.append(piece)
-                print(piece, end="", flush=True)
+            settings = generation_settings(args, model)
+            pieces = model.stream(model.encode_chat(conversation), max_new_tokens=args.max_new_tokens, stop=args.stop, **settings)
+            result = yield_to(pieces, sys.stdout)
             print()
+            check_complete(result, settings)
         except AttendoError as e:
             messages.pop()
             print(f"\n(error: {e})")
             continue
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages.append({"role": "assistant", "content": result.text})
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
@@ -314,10 +359,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     models = args.model or [DEFAULT_MODEL]
     for name in models:
         resolve(name)  # a name that points at nothing fails now, not in the background
-    adapters = _served_adapters(args.adapter or [], models)
+    indexes = dict(pair.partition("=")[::2] for pair in args.index or [])
+    for name, path in indexes.items():
+        if not name or not os.path.isfile(path):
+            raise UsageError(f"--index takes NAME=FILE with FILE an index made by `attendo index`, got {name}={path}")
     settings = ServerSettings(
         models=models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-        max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace, adapters=adapters,
+        max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace, indexes=indexes,
+        adapters=_served_adapters(args.adapter or [], models),
     )  # fmt: skip
     if args.threads:
         import torch
@@ -345,7 +394,9 @@ def _served_adapters(specs: list[str], models: list[str]) -> dict[str, str]:
 
 # The commands of larger capabilities live beside them: each module's `register(commands)` adds its
 # subcommands with the options above.
-COMMAND_MODULES: tuple[str, ...] = ("attendo.train.cli", "attendo.train.eval_cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "attendo.prompting.commands", "attendo.retrieval.commands", "attendo.train.cli", "attendo.train.eval_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-len", type=int, default=2048, help="tokens per sequence, prompt + completion (default 2048)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds open requests may finish after SIGTERM")
+    p.add_argument("--index", action="append", metavar="NAME=FILE",
+                   help="serve a retrieval index (attendo index) as NAME: /v1/retrieve, /v1/indexes/NAME/chat/completions")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_serve)

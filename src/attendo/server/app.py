@@ -35,6 +35,7 @@ from attendo.generation.loop import Request as GenerationRequest
 from attendo.generation.loop import TokenLogprob, check_request
 from attendo.model import Model
 from attendo.server import responses as openai
+from attendo.server import retrieval_routes
 from attendo.server.errors import APIError, bad_request, queue_full, unavailable
 from attendo.server.scheduler import Delta, QueueFull, Scheduler, ShuttingDown, Ticket
 from attendo.server.schemas import (
@@ -457,7 +458,7 @@ async def health(request: Request) -> JSONResponse:
 # --- the app ----------------------------------------------------------------------------------
 
 ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize",
-          "/health", "/metrics"}  # fmt: skip
+          "/health", "/metrics", "/v1/retrieve"}  # fmt: skip
 
 
 class CountRequests:
@@ -505,6 +506,7 @@ def create_app(
     app = FastAPI(title="attendo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models = served
     app.include_router(router)
+    app.include_router(retrieval_routes.router, dependencies=[Depends(check_api_key)])
     app.add_api_route("/health", health, methods=["GET"])
 
     @app.exception_handler(APIError)

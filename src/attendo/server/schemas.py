@@ -243,7 +243,8 @@ def parse(kind: type[Body], data: Any) -> Body:
     except ValidationError as e:
         error = e.errors(include_url=False)[0]
         # Keep field names and list indices; drop pydantic's names for the members of a union.
-        param = ".".join(str(p) for p in error["loc"] if isinstance(p, int) or p in _FIELD_NAMES) or None
+        known = _FIELD_NAMES | set(kind.model_fields)  # bodies of other modules' routes too
+        param = ".".join(str(p) for p in error["loc"] if isinstance(p, int) or p in known) or None
         if error["type"] == "missing":
             raise bad_request(f"Missing required parameter: '{param}'.", param=param) from None
         message = error["msg"].removeprefix("Value error, ")

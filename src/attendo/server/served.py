@@ -32,6 +32,7 @@ class ServerSettings:
     shutdown_grace: float = 30.0  # seconds open generations may run on after SIGTERM
     # LoRA adapters served as models of their own on the first of `models`: name -> adapter directory.
     adapters: dict[str, str] = field(default_factory=dict)
+    indexes: dict[str, str] = field(default_factory=dict)  # retrieval indexes: name -> index file
 
     def __post_init__(self) -> None:
         limits = {"max_batch": (self.max_batch, 1), "max_queue": (self.max_queue, 0), "max_len": (self.max_len, 2),

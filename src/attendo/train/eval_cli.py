@@ -41,12 +41,16 @@ def _adapter(value: Any) -> str | None:
     return None if value in (None, "", "none") else str(value)
 
 
+_optional = _adapter  # a file setting that "none" turns off
+
+
 # What a run may change (the option names' argparse destinations) and how a value is read.
 RUN_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "model": str, "adapter": _adapter, "dtype": str, "chat": _flag,
     "max_new_tokens": int, "greedy": _flag, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
     "repetition_penalty": float, "seed": int, "num_beams": int, "length_penalty": float,
-    "no_repeat_ngram_size": int,
+    "no_repeat_ngram_size": int, "json_schema": _optional, "regex": _optional,
+    "template": _optional, "examples": _optional, "shots": int, "shots_seed": int, "completion": _flag,
 }  # fmt: skip
 _SAMPLING = ("temperature", "top_k", "top_p", "min_p")
 # Metrics where lower is better (the table marks the best run of each column).
@@ -60,6 +64,7 @@ class Run:
     changes: dict[str, Any]
     metrics: dict[str, float | int] | None = None
     answers: list[str] | None = None
+    prompting: tuple[Any, list[Any]] | None = None  # (PromptTemplate, few-shot examples) when templated
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -78,8 +83,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=None, help="perplexity: tokens per window (default min(context, 1024))")
     p.add_argument("--stride", type=int, default=None, help="perplexity: tokens between window starts (default window / 2)")
     p.add_argument("--chat", action="store_true", help="data: wrap each prompt in the model's chat template as a user message")
-    p.add_argument("--regex", default=None, help="data: also report the share of answers in which this pattern is found")
-    p.add_argument("--json-valid", action="store_true", help="data: also report the share of answers that are valid JSON")
+    p.add_argument("--match-regex", default=None, metavar="PATTERN",
+                   help="data: also report regex_match, the share of answers in which this pattern is found")
+    p.add_argument("--valid-json", action="store_true", help="data: also report json_valid, the share of answers that are valid JSON")
+    t = p.add_argument_group("prompts (data)", "lay each prompt out with a template and few-shot examples (see attendo prompt)")
+    t.add_argument("--template", default=None, metavar="FILE", help="a Jinja prompt template; the example's prompt is its `input`")
+    t.add_argument("--examples", default=None, metavar="FILE.jsonl", help='few-shot examples, one {"input", "output"} per line')
+    t.add_argument("--shots", type=int, default=None, metavar="K", help="how many examples (default: all); --vary shots=0,1,5 compares")
+    t.add_argument("--shots-seed", type=int, default=None, metavar="SEED", help="take the examples at random with this seed")
+    t.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="a template variable (repeatable)")
+    t.add_argument("--completion", action="store_true", help="lay the prompt out as plain text even for a chat model")
     p.add_argument("--batch-size", type=int, default=8, help="data: prompts generated together (default 8)")
     p.add_argument("--limit", type=int, default=None, help="data: only the first N examples")
     p.add_argument("--vary", action="append", default=[], metavar="SETTING=A,B,...",
@@ -99,8 +112,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UsageError("--out must name a .json or .csv file")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UsageError("--batch-size and --limit must be at least 1")
-    checks = evaluate.Checks(_pattern(args.regex), args.json_valid)
+    checks = evaluate.Checks(_pattern(args.match_regex), args.valid_json)
     runs = build_runs(args)
+    for run in runs:
+        run.prompting = _prompting(run.options)
     if args.perplexity:
         text = perplexity.read_text(args.perplexity)
         for run, model in _models(runs):
@@ -109,9 +124,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         examples = evaluate.read_examples(args.data)[: args.limit]
         references = [e.reference for e in examples]
         for run, model in _models(runs):
-            prompts = [e.prompt_text(model, run.options.chat) for e in examples]
+            prompts, stops = _prompts(run, model, examples, args.data)
+            generate = _generate_options(run.options, model)
+            generate["stop"] = [*(generate["stop"] or []), *stops]
             with _progress(run.name, len(prompts), quiet=args.json) as advance:
-                answers = evaluate.answer(model, prompts, args.batch_size, _generate_options(run.options, model), advance)
+                answers = evaluate.answer(model, prompts, args.batch_size, generate, advance)
             run.answers = answers.texts
             run.metrics = {
                 **evaluate.score(answers.texts, references, checks),
@@ -141,15 +158,14 @@ def build_runs(args: argparse.Namespace) -> list[Run]:
                 raise UsageError(f"--vary {name} given twice (repeat --model/--adapter instead of varying them)")
             axes[name] = values
         changes = [dict(zip(axes, combination)) for combination in itertools.product(*axes.values())]
-    varied = {k for k in set().union(*changes) if len({repr(c.get(k)) for c in changes}) > 1 and k != "name"}
+    first = {"model": (args.model or [DEFAULT_MODEL])[0], "adapter": _adapter((args.adapter or [None])[0])}
     runs = []
     for change in changes:
-        first = {"model": (args.model or [DEFAULT_MODEL])[0], "adapter": _adapter((args.adapter or [None])[0])}
-        options = argparse.Namespace(**{**vars(args), **first})
-        for key, value in change.items():
-            if key != "name":
-                setattr(options, key, value)
-        runs.append(Run(change.get("name") or _run_name(options, change, varied), options, change))
+        options = argparse.Namespace(**{**vars(args), **first, **{k: v for k, v in change.items() if k != "name"}})
+        runs.append(Run(change.get("name", ""), options, change))
+    varied = [k for k in RUN_SETTINGS if len({repr(getattr(r.options, k)) for r in runs}) > 1]
+    for run in runs:
+        run.name = run.name or _run_name(run.options, varied)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise UsageError(f"two runs are both named {next(n for n in names if names.count(n) > 1)!r}")
@@ -190,11 +206,24 @@ def _read_runs_file(path: Path) -> list[dict[str, Any]]:
     return checked
 
 
-def _run_name(options: argparse.Namespace, change: dict[str, Any], varied: set[str]) -> str:
-    name = Path(options.model).name
-    if options.adapter:
-        name += f" + {Path(options.adapter).name}"
-    return " ".join([name, *(f"{k}={change[k]}" for k in change if k in varied and k not in ("model", "adapter"))])
+def _run_name(options: argparse.Namespace, varied: list[str]) -> str:
+    """What sets the run apart from the others (the table's title names what they share)."""
+    parts = []
+    for key in varied:
+        value = getattr(options, key)
+        if key == "model":
+            parts.append(Path(value).name)
+        elif key == "adapter":
+            parts.append(f"+ {Path(value).name}" if value else "base")
+        elif key in ("template", "examples", "json_schema"):
+            parts.append(f"{key}={Path(value).name if value else 'none'}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts) or _model_label(options)
+
+
+def _model_label(options: argparse.Namespace) -> str:
+    return Path(options.model).name + (f" + {Path(options.adapter).name}" if options.adapter else "")
 
 
 def _models(runs: list[Run]) -> Iterator[tuple[Run, Any]]:
@@ -207,6 +236,45 @@ def _models(runs: list[Run]) -> Iterator[tuple[Run, Any]]:
             model = None  # let the previous one go before the next loads
             model, loaded_key = load_model(o), key
         yield run, model
+
+
+def _prompting(options: argparse.Namespace) -> tuple[Any, list[Any]] | None:
+    """The run's template (an empty one when only examples are given: they and the prompt then
+    follow as turns) and its few-shot examples; None when the run sends prompts as they are.
+    Read and checked before any model loads."""
+    if options.template is None and options.examples is None:
+        if options.shots:
+            raise UsageError("--shots needs --examples FILE.jsonl")
+        return None
+    from attendo.prompting.templates import PromptTemplate, choose_examples, read_examples
+
+    template = PromptTemplate.from_file(options.template) if options.template else PromptTemplate("", "(no template)")
+    chosen = []
+    if options.examples is not None:
+        pool = read_examples(options.examples)
+        chosen = choose_examples(pool, len(pool) if options.shots is None else options.shots, options.shots_seed)
+    elif options.shots:
+        raise UsageError("--shots needs --examples FILE.jsonl")
+    return template, chosen
+
+
+def _prompts(run: Run, model: Any, examples: list[Any], data: str) -> tuple[list[str | list[int]], list[str]]:
+    """Every example's prompt for this run, and the stop strings its layout adds (a text layout
+    of turns ends an answer where the next "Input:" would start)."""
+    if run.prompting is None:
+        return [e.prompt_for(model, run.options.chat) for e in examples], []
+    from attendo.prompting.commands import parse_variables
+    from attendo.prompting.templates import render_prompt
+
+    template, shots = run.prompting
+    variables = parse_variables(run.options.var)
+    rendered = []
+    for e in examples:
+        if e.prompt is None:
+            raise UsageError(f'{data}:{e.line}: a conversation ("messages") cannot be laid out with a template or examples')
+        chat = False if run.options.completion else None
+        rendered.append(render_prompt(model, template, variables, shots, e.prompt, chat, run.options.max_new_tokens))
+    return [r.token_ids for r in rendered], list(rendered[0].stop)
 
 
 def _generate_options(options: argparse.Namespace, model: Any) -> dict[str, Any]:
@@ -227,7 +295,7 @@ def _pattern(regex: str | None) -> re.Pattern[str] | None:
     try:
         return re.compile(regex)
     except re.error as e:
-        raise UsageError(f"--regex {regex!r} is not a valid regular expression ({e})") from None
+        raise UsageError(f"--match-regex {regex!r} is not a valid regular expression ({e})") from None
 
 
 @contextmanager
@@ -245,7 +313,13 @@ def _metric_names(runs: Sequence[Run]) -> list[str]:
     return list(dict.fromkeys(k for r in runs for k in r.metrics or {}))
 
 
+# Short column headings, so that a comparison fits an 80-column terminal (JSON and CSV use the names).
+_HEADINGS = {"exact_match": "exact", "regex_match": "regex", "json_valid": "json", "seconds": "sec"}
+_NOT_RANKED = ("tokens", "windows", "seconds")
+
+
 def _print_table(runs: list[Run], args: argparse.Namespace) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -254,19 +328,25 @@ def _print_table(runs: list[Run], args: argparse.Namespace) -> None:
         title = f"perplexity of {args.perplexity}"
     else:
         title = f"answers to {runs[0].metrics['examples']} prompts of {args.data}"
-    table = Table(title=f"attendo eval: {title}")
-    table.add_column("run", overflow="fold")  # a cut name is no use; the numbers are never cut
+    labels = {_model_label(r.options) for r in runs}  # every run on one model (and adapter): say it once
+    models = {Path(r.options.model).name for r in runs}
+    shared = labels.pop() if len(labels) == 1 else models.pop() if len(models) == 1 else None
+    title = f"attendo eval of {shared}: {title}" if shared else f"attendo eval: {title}"
+    shortened = [f"{_HEADINGS[n]} = {n}" for n in names if n in _HEADINGS and n != "seconds"]
+    table = Table(title=title, caption="; ".join(shortened) or None, box=box.SIMPLE_HEAD)
+    table.add_column("run", min_width=min(16, max(len(r.name) for r in runs)))
     best = {}
     for name in names:
-        table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
-        if len(runs) > 1 and name not in ("tokens", "windows", "seconds"):
+        heading = _HEADINGS.get(name, name)
+        table.add_column(heading, justify="right", no_wrap=True, min_width=len(heading))
+        if len(runs) > 1 and name not in _NOT_RANKED:
             values = [r.metrics[name] for r in runs]
             best[name] = min(values) if name in _LOWER_IS_BETTER else max(values)
     for run in runs:
         cells = []
         for name in names:
             value = run.metrics[name]
-            text = f"{value:.4f}" if isinstance(value, float) and name != "seconds" else str(value)
+            text = str(value) if not isinstance(value, float) or name == "seconds" else f"{value:.4f}" if value > 1 else f"{value:.3f}"
             cells.append(f"[bold]{text}[/bold]" if name in best and value == best[name] else text)
         table.add_row(run.name, *cells)
     Console().print(table)

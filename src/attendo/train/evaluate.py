@@ -1,9 +1,9 @@
 """Evaluation on prompts and references: generate an answer to every prompt and score it.
 
-Input: a JSONL file, one example per line, either {"prompt": ..., "reference": ...} ("completion"
-is read as the reference too, so attendo finetune's data can be held out and scored), or
-{"messages": [...]}, whose last message is the reference answer and whose earlier messages,
-rendered with the model's chat template, are the prompt. The file is read and checked whole
+Input: a JSONL file, one example per line, either {"prompt": ..., "reference": ...} (also
+{"prompt", "completion"} as attendo finetune reads, and {"input", "output"} as few-shot examples
+are written), or {"messages": [...]}, whose last message is the reference answer and whose
+earlier messages, rendered with the model's chat template, are the prompt. The file is read and checked whole
 before any model runs; a bad line is an error naming the file and the line.
 
 Output: the answers and their scores, as means over the examples, each from 0 to 1:
@@ -28,7 +28,10 @@ from attendo.errors import DataError
 from attendo.model import Model
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-REFERENCE_KEYS = ("reference", "completion")
+# Each example's prompt and reference answer, under any of these keys: attendo finetune's
+# {"prompt", "completion"} and the few-shot examples' {"input", "output"} are eval data as they are.
+PROMPT_KEYS = ("prompt", "input")
+REFERENCE_KEYS = ("reference", "completion", "output")
 
 
 @dataclass(frozen=True)
@@ -38,13 +41,14 @@ class Example:
     prompt: str | None = None
     messages: tuple[dict[str, Any], ...] = ()
 
-    def prompt_text(self, model: Model, chat: bool = False) -> str:
-        """The text the model completes: the conversation before the answer in the model's chat
-        template, or the prompt (as a user message in the chat template when chat is set)."""
+    def prompt_for(self, model: Model, chat: bool = False) -> str | list[int]:
+        """What the model completes: the conversation before the answer as the token ids of the
+        model's chat template (text inside messages always encoded as text), or the prompt (as a
+        user message in the chat template when chat is set)."""
         if self.messages:
-            return model.chat_prompt(list(self.messages))
+            return model.encode_chat(list(self.messages))
         assert self.prompt is not None
-        return model.chat_prompt([{"role": "user", "content": self.prompt}]) if chat else self.prompt
+        return model.encode_chat([{"role": "user", "content": self.prompt}]) if chat else self.prompt
 
 
 @dataclass(frozen=True)
@@ -102,10 +106,11 @@ def _example(record: dict[str, Any], path: Path, number: int) -> Example:
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message is the reference answer, so its role must be assistant")
         return Example(messages[-1]["content"], number, messages=tuple(messages[:-1]))
+    prompt = next((record[k] for k in PROMPT_KEYS if k in record), None)
     reference = next((record[k] for k in REFERENCE_KEYS if k in record), None)
-    if not isinstance(record.get("prompt"), str) or not isinstance(reference, str):
-        raise DataError(f'{where}: needs a "prompt" and a "reference" (or "completion") string, or "messages"')
-    return Example(reference, number, prompt=record["prompt"])
+    if not isinstance(prompt, str) or not isinstance(reference, str):
+        raise DataError(f'{where}: needs a "prompt" and a "reference" string (or "input" and "output"), or "messages"')
+    return Example(reference, number, prompt=prompt)
 
 
 def _is_message(message: Any) -> bool:
@@ -114,7 +119,7 @@ def _is_message(message: Any) -> bool:
 
 def answer(
     model: Model,
-    prompts: Sequence[str],
+    prompts: Sequence[str | list[int]],
     batch_size: int,
     generate: dict[str, Any],
     progress: Callable[[int], None] | None = None,

@@ -15,6 +15,7 @@ blank line. Output: a PerplexityResult.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from attendo.model import Model
 
 TEXT_SUFFIXES = (".txt", ".md")
 DEFAULT_WINDOW = 1024  # capped by the model's context length
+BATCH_TOKENS = 2048  # tokens per forward pass: their float32 logits take 2048 × vocabulary × 4 bytes
 
 
 @dataclass(frozen=True)
@@ -87,19 +89,34 @@ def perplexity(model: Model, text: str, window: int | None = None, stride: int |
     ids = torch.tensor(model.tokenizer.encode(text), dtype=torch.long)
     if len(ids) < 2:
         raise DataError(f"the text is {len(ids)} token long: perplexity needs at least 2 tokens")
-    total, scored, windows, reached = 0.0, 0, 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + window, len(ids))
-        chunk = ids[begin:end]
-        # Logits at position j predict chunk[j + 1]; score the tokens from `reached` on (but the
-        # window's first token, which has no context in it: with stride = window, none is reached).
-        first = max(reached, begin + 1) - begin - 1
-        logits = model.logits(chunk[None])[0, first:-1]
-        total += float(F.cross_entropy(logits, chunk[first + 1 :], reduction="sum"))
-        scored += end - begin - 1 - first
-        windows += 1
-        reached = end
-        if end == len(ids):
-            break
+    spans = windows(len(ids), window, stride)
+    total, scored = 0.0, 0
+    # Windows of one length run as one batch of up to BATCH_TOKENS tokens: one pass over the
+    # weights (and one dequantization of block-quantized ones) serves several windows.
+    per_batch = max(1, BATCH_TOKENS // window)
+    for _, same_length in itertools.groupby(spans, key=lambda span: span[1] - span[0]):
+        same = list(same_length)
+        for start in range(0, len(same), per_batch):
+            group = same[start : start + per_batch]
+            chunks = torch.stack([ids[begin:end] for begin, end, _ in group])
+            logits = model.logits(chunks)  # (windows, window, vocab)
+            for row, (begin, end, first) in enumerate(group):
+                # Logits at position j predict token j + 1 of the window.
+                total += float(F.cross_entropy(logits[row, first:-1], chunks[row, first + 1 :], reduction="sum"))
+                scored += end - begin - 1 - first
     nll = total / scored
-    return PerplexityResult(math.exp(nll), nll, scored, windows)
+    return PerplexityResult(math.exp(nll), nll, scored, len(spans))
+
+
+def windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first) for each window over `length` tokens: it reads tokens [begin, end)
+    and scores tokens begin + first + 1 to end - 1, the ones no earlier window reached (a
+    window's own first token has no context in it, so it is never scored there)."""
+    spans, reached = [], 0
+    for begin in range(0, length, stride):
+        end = min(begin + window, length)
+        spans.append((begin, end, max(reached, begin + 1) - begin - 1))
+        reached = end
+        if end == length:
+            break
+    return spans
