@@ -394,7 +394,9 @@ def _served_adapters(specs: list[str], models: list[str]) -> dict[str, str]:
 
 # The commands of larger capabilities live beside them: each module's `register(commands)` adds its
 # subcommands with the options above.
-COMMAND_MODULES: tuple[str, ...] = ("attendo.prompting.commands", "attendo.retrieval.commands", "attendo.train.eval_cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "attendo.prompting.commands", "attendo.retrieval.commands", "attendo.train.cli", "attendo.train.eval_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -196,6 +196,12 @@ def _on_meta_device() -> Iterator[None]:
         nn.Embedding.reset_parameters = initialise  # type: ignore[method-assign]
 
 
+def load_tokenizer(source: str | Path) -> TextTokenizer:
+    """A model's tokenizer, with its chat template and special tokens, without its weights."""
+    path = resolve(source)
+    return _tokenizer(read_checkpoint(path), path)
+
+
 def _tokenizer(checkpoint: Checkpoint, path: Path) -> TextTokenizer:
     if checkpoint.tokenizer is None:
         raise CheckpointError(f"{path}: no tokenizer.json beside the weights")
