@@ -58,23 +58,18 @@ def _early_stopping(value: str) -> bool | str:
     return choices[value.lower()]
 
 
+GENERATION_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                       "frequency_penalty", "seed", "num_beams", "length_penalty", "early_stopping",
+                       "no_repeat_ngram_size")  # fmt: skip
+
+
 def generation_settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
-    chosen = {
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-        "num_beams": args.num_beams,
-        "length_penalty": args.length_penalty,
-        "early_stopping": args.early_stopping,
-        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-    }
+    """The settings a command line asks for (a command without some of the options leaves them unset)."""
+    chosen = {name: getattr(args, name, None) for name in GENERATION_SETTINGS}
     if args.greedy:
         return {**chosen, "do_sample": False}
     # Beam search, translation and summaries are deterministic unless sampling is asked for.
-    beams = args.num_beams or model.generation_defaults.get("num_beams") or 1
+    beams = chosen["num_beams"] or model.generation_defaults.get("num_beams") or 1
     deterministic = beams > 1 or model.config.family == "encoder-decoder"
     if not deterministic and not any(k in model.generation_defaults for k in ("do_sample", "temperature", "top_p", "top_k")):
         chosen = {**{k: v for k, v in CLI_SAMPLING.items() if chosen[k] is None}, **{k: v for k, v in chosen.items() if v is not None}}
@@ -325,7 +320,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 # The commands of larger capabilities live beside them: each module's `register(commands)` adds its
 # subcommands with the options above.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("attendo.inspect.commands",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,7 +82,8 @@ def pca(vectors: torch.Tensor, dims: int) -> tuple[torch.Tensor, list[float]]:
     span one), the missing coordinates are 0."""
     centred = vectors - vectors.mean(dim=0)
     _, singular, right = torch.linalg.svd(centred, full_matrices=False)
-    found = min(dims, right.shape[0])
+    rank = int((singular > singular[0] * 1e-9).sum()) if singular[0] > 0 else 0  # directions with any spread
+    found = min(dims, rank)
     # An SVD's signs are arbitrary: make each direction's largest coordinate positive, so the
     # same vectors always give the same picture.
     axes = right[:found]
