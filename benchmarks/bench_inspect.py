@@ -70,7 +70,9 @@ def serve(model) -> tuple[uvicorn.Server, str]:
     from attendo.server import ServerSettings, create_app
 
     app = create_app(ServerSettings(models=[]), models={MODEL: model})
-    sock = socket.socket()
+    # asyncio turns Nagle's algorithm off only on IPPROTO_TCP sockets; without it every answer
+    # waits about 40 ms for the client's delayed ACK
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()

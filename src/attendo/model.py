@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -16,7 +17,7 @@ from attendo.errors import InvalidSettingError, UnsupportedModelError
 from attendo.generation.beam import BeamSettings, decoder_beam_search, split_beam_settings
 from attendo.generation.loop import Batch, Event, GenerationResult, Request, run
 from attendo.generation.sampler import SamplingSettings
-from attendo.layers.attention import LayerRecord
+from attendo.layers.attention import LayerRecord, Recorded
 from attendo.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
@@ -74,9 +75,11 @@ class Model:
     @torch.inference_mode()
     def attention_maps(self, token_ids: torch.Tensor | list[list[int]], layer: int | None = None) -> torch.Tensor:
         """Attention weights (layers, batch, heads, query positions, key positions), from the
-        explicit softmax(QKᵀ/√d)V path; with `layer`, that layer's only (the first axis is 1)."""
-        record = LayerRecord(layer)
-        self.network(_as_batch(token_ids), record=record)
+        explicit softmax(QKᵀ/√d)V path; with `layer`, that layer's only (the first axis is 1), and
+        the layers above it are not run."""
+        record = LayerRecord(layer, end_pass=True)
+        with contextlib.suppress(Recorded):
+            self.network(_as_batch(token_ids), record=record)
         return torch.stack(record)
 
     @torch.inference_mode()

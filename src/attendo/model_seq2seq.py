@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -10,7 +11,7 @@ from attendo.errors import CheckpointError
 from attendo.generation.beam import BeamSettings
 from attendo.generation.loop import Event, GenerationResult, Request
 from attendo.generation.seq2seq import seq2seq_beam_search, seq2seq_events
-from attendo.layers.attention import LayerRecord
+from attendo.layers.attention import LayerRecord, Recorded
 from attendo.model import Model, _as_batch
 from attendo.models.encoder_decoder import EncoderDecoderLM
 
@@ -65,10 +66,13 @@ class Seq2SeqModel(Model):
         (output over input); with `layer`, that layer's only of each (the first axis is 1), and
         only the kinds whose stack has that layer (the encoder and decoder may differ in depth)."""
         tokens = _as_batch(token_ids)
-        encoder, decoder, cross = LayerRecord(layer), LayerRecord(layer), LayerRecord(layer)
+        # The decoder reads the whole encoder output, so only the decoder can stop early: after
+        # its layer's cross-attention, which comes after that layer's self-attention.
+        encoder, decoder, cross = LayerRecord(layer), LayerRecord(layer), LayerRecord(layer, end_pass=True)
         memory = self.network.encode(tokens, record=encoder)
         memory.record = cross
-        self.network.decode(self._decoder_tokens(decoder_token_ids, tokens.shape[0]), memory, record=decoder)
+        with contextlib.suppress(Recorded):
+            self.network.decode(self._decoder_tokens(decoder_token_ids, tokens.shape[0]), memory, record=decoder)
         recorded = {"encoder": encoder, "decoder": decoder, "cross": cross}
         return {kind: torch.stack(weights) for kind, weights in recorded.items() if weights}
 
