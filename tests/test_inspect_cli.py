@@ -95,3 +95,11 @@ def test_mistakes_are_one_line_and_exit_code_2(tiny_llama_dir, tmp_path, monkeyp
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("attendo: error: ") and message in err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_tokenize_shows_the_bytes_of_an_emoji(tiny_llama_dir, capsys):
+    code, out, _ = run(capsys, "tokenize", "Hi 😀", "--model", tiny_llama_dir, "--json", "--no-special")
+    tokens = [t["token"] for t in json.loads(out)]
+    assert code == 0 and "".join(tokens) == "Hi <0xF0><0x9F><0x98><0x80>"
+    code, out, _ = run(capsys, "tokenize", "😀", "--model", tiny_llama_dir)
+    assert code == 0 and "<0xF0>" in out and "\ufffd" not in out

@@ -266,3 +266,19 @@ def test_inspecting_while_a_generation_streams_leaves_it_unchanged(tiny_llama_di
             post(server, "/v1/inspect/stages", {"model": "slow", "token_ids": ids, "settings": {"temperature": 0.5}})
         thread.join(30)
         assert results["text"] == expected
+
+
+def test_scheduler_jobs_run_between_steps_and_report_failures(tiny):
+    from attendo.server.scheduler import Scheduler, ShuttingDown
+
+    scheduler = Scheduler("tiny", tiny, max_batch=1, max_queue=1, max_len=64)
+    scheduler.start()
+    try:
+        assert scheduler.call(lambda: threading.current_thread().name).result(10) == "attendo-scheduler-tiny"
+        with pytest.raises(ZeroDivisionError):
+            scheduler.call(lambda: 1 / 0).result(10)
+        assert scheduler.call(lambda: "still running").result(10) == "still running"
+    finally:
+        scheduler.stop()
+    with pytest.raises(ShuttingDown):
+        scheduler.call(lambda: None)
