@@ -103,3 +103,9 @@ def test_tokenize_shows_the_bytes_of_an_emoji(tiny_llama_dir, capsys):
     assert code == 0 and "".join(tokens) == "Hi <0xF0><0x9F><0x98><0x80>"
     code, out, _ = run(capsys, "tokenize", "😀", "--model", tiny_llama_dir)
     assert code == 0 and "<0xF0>" in out and "\ufffd" not in out
+
+
+def test_distribution_of_a_chat_prompt(tiny_llama_dir, tiny_llama, capsys):
+    code, out, _ = run(capsys, "distribution", "Hi!", "--chat", "--model", tiny_llama_dir, "--json", "--greedy")
+    prompt = tiny_llama.chat_prompt([{"role": "user", "content": "Hi!"}])
+    assert code == 0 and json.loads(out)["chosen"]["id"] == tiny_llama.generate(prompt, max_new_tokens=1, do_sample=False).token_ids[0]

@@ -172,7 +172,7 @@ async def attention(request: Request) -> Response:
     body, served = await read_body(request, AttentionBody)
     model = served.model
     try:
-        ids, target = attention_inputs(model, body.text, body.token_ids, body.target)
+        ids, target = await asyncio.to_thread(attention_inputs, model, body.text, body.token_ids, body.target)
     except AttendoError as e:
         raise client_error(e, "token_ids" if body.token_ids is not None else "text") from None
     try:
