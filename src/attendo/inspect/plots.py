@@ -29,7 +29,7 @@ from matplotlib.ft2font import FT2Font  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.text import Annotation, Text  # noqa: E402
-from matplotlib.ticker import PercentFormatter  # noqa: E402
+from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
 from attendo.inspect.attention import KIND_AXES  # noqa: E402
 
@@ -125,7 +125,9 @@ def stages_figure(report: StagesReport, labels: dict[int, str], title: str, top:
             ax.plot([0] * len(removed), removed, "x", color=REMOVED, markersize=7, mew=2, clip_on=False)
         if stage.threshold is not None:
             ax.axvline(stage.threshold, color=CUT, linestyle="--", linewidth=1)
-        ax.set_xlim(0, max(max(after), max(before), 1e-9) * 1.3)  # room for the numbers
+        peak = max(max(after), max(before), 1e-9)
+        ax.set_xlim(0, peak * 1.3)  # room for the numbers
+        ax.set_xticks([t for t in MaxNLocator(4).tick_values(0, peak) if t <= peak * 1.0001])  # no tick past the data
         ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.tick_params(axis="x", labelsize=7)
         ax.set_title(f"{stage.name}\n{setting_text(stage.name, report)}", fontsize=9)
