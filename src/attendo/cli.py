@@ -67,24 +67,19 @@ def _early_stopping(value: str) -> bool | str:
     return choices[value.lower()]
 
 
+GENERATION_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                       "frequency_penalty", "seed", "num_beams", "length_penalty", "early_stopping",
+                       "no_repeat_ngram_size")  # fmt: skip
+
+
 def generation_settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
-    chosen = {
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-        "num_beams": args.num_beams,
-        "length_penalty": args.length_penalty,
-        "early_stopping": args.early_stopping,
-        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-    }
+    """The settings a command line asks for (a command without some of the options leaves them unset)."""
+    chosen = {name: getattr(args, name, None) for name in GENERATION_SETTINGS}
     chosen |= structured_output(args)
     if args.greedy:
         return {**chosen, "do_sample": False}
     # Beam search, translation and summaries are deterministic unless sampling is asked for.
-    beams = args.num_beams or model.generation_defaults.get("num_beams") or 1
+    beams = chosen["num_beams"] or model.generation_defaults.get("num_beams") or 1
     deterministic = beams > 1 or model.config.family == "encoder-decoder"
     if not deterministic and not any(k in model.generation_defaults for k in ("do_sample", "temperature", "top_p", "top_k")):
         chosen = {**{k: v for k, v in CLI_SAMPLING.items() if chosen[k] is None}, **{k: v for k, v in chosen.items() if v is not None}}
@@ -92,22 +87,23 @@ def generation_settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 
 
 def structured_output(args: argparse.Namespace) -> dict[str, Any]:
-    """--json-schema FILE / --regex as generate's json_schema / regex."""
-    if args.json_schema is not None and args.regex is not None:
+    """--json-schema FILE / --regex as generate's json_schema / regex (absent on some commands)."""
+    json_schema, regex = getattr(args, "json_schema", None), getattr(args, "regex", None)
+    if json_schema is not None and regex is not None:
         raise UsageError("give --json-schema or --regex, not both")
-    if args.regex is not None:
-        return {"regex": args.regex}
-    if args.json_schema is None:
+    if regex is not None:
+        return {"regex": regex}
+    if json_schema is None:
         return {}
-    if args.json_schema == "object":
+    if json_schema == "object":
         return {"json_schema": {"type": "object"}}
     try:
-        with open(args.json_schema, encoding="utf-8") as file:
+        with open(json_schema, encoding="utf-8") as file:
             return {"json_schema": json.load(file)}
     except OSError as e:
-        raise UsageError(f"cannot read --json-schema {args.json_schema}: {e.strerror}") from None
+        raise UsageError(f"cannot read --json-schema {json_schema}: {e.strerror}") from None
     except ValueError as e:
-        raise UsageError(f"--json-schema {args.json_schema} is not valid JSON: {e}") from None
+        raise UsageError(f"--json-schema {json_schema} is not valid JSON: {e}") from None
 
 
 def check_complete(result: Any, settings: dict[str, Any]) -> None:
@@ -223,10 +219,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    from attendo.inspect.tokens import readable_tokens
+
     model = load_model(args)
     ids = model.tokenizer.encode(args.text, add_special_tokens=not args.no_special)
+    tokens = readable_tokens(model.tokenizer, ids)  # byte pieces as <0xF0>, never "�"
     if args.json:
-        print(json.dumps([{"id": i, "token": model.tokenizer.token_text(i)} for i in ids], ensure_ascii=False))
+        print(json.dumps([{"id": i, "token": t} for i, t in zip(ids, tokens)], ensure_ascii=False))
         return
     from rich.console import Console
     from rich.table import Table
@@ -235,8 +234,8 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     table.add_column("#", justify="right")
     table.add_column("token")
     table.add_column("id", justify="right")
-    for position, token_id in enumerate(ids):
-        table.add_row(str(position), repr(model.tokenizer.token_text(token_id)), str(token_id))
+    for position, (token_id, token) in enumerate(zip(ids, tokens)):
+        table.add_row(str(position), repr(token), str(token_id))
     Console().print(table)
 
 
@@ -395,7 +394,8 @@ def _served_adapters(specs: list[str], models: list[str]) -> dict[str, str]:
 # The commands of larger capabilities live beside them: each module's `register(commands)` adds its
 # subcommands with the options above.
 COMMAND_MODULES: tuple[str, ...] = (
-    "attendo.prompting.commands", "attendo.retrieval.commands", "attendo.train.cli", "attendo.train.eval_cli",
+    "attendo.inspect.commands", "attendo.prompting.commands", "attendo.retrieval.commands",
+    "attendo.train.cli", "attendo.train.eval_cli",
 )
 
 

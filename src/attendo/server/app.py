@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from attendo.errors import AttendoError, ContextLengthError, UnsupportedModelError
 from attendo.generation.loop import Request as GenerationRequest
 from attendo.generation.loop import TokenLogprob, check_request
+from attendo.inspect.tokens import readable_tokens
 from attendo.model import Model
 from attendo.prompting.grammar import Grammar
 from attendo.server import responses as openai
@@ -149,6 +150,7 @@ class ClientGone(Exception):
 class Choice:
     text: list[str] = field(default_factory=list)
     tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -178,6 +180,8 @@ class Flight:
             choice = choices[delta.index]
             choice.text.append(delta.text)
             choice.tokens += delta.token_id >= 0
+            if delta.token_id >= 0:
+                choice.token_ids.append(delta.token_id)
             if delta.logprob is not None:
                 choice.logprobs.append(delta.logprob)
             if delta.finish_reason is not None:
@@ -266,6 +270,8 @@ async def completions(request: Request) -> Response:
     def logprobs(entries: list[TokenLogprob], offset: int) -> dict | None:
         return openai.completion_logprobs(entries, offset) if body.logprobs is not None else None
 
+    token_ids = openai.TokenIdFields(served.model.tokenizer, prompts, body.return_token_ids)
+
     if not body.stream:
         try:
             choices = await flight.collect()
@@ -275,16 +281,17 @@ async def completions(request: Request) -> Response:
             flight.close()
         result = [
             openai.completion_choice(i, echoes[i] + "".join(c.text), logprobs(c.logprobs, len(echoes[i])), c.finish_reason)
+            | token_ids.of(c.token_ids)
             for i, c in enumerate(choices)
         ]
         usage = openai.usage(prompt_tokens, sum(c.tokens for c in choices))
-        return JSONResponse(openai.completion(id, created, body.model, result) | {"usage": usage})
+        return JSONResponse(openai.completion(id, created, body.model, result) | {"usage": usage} | token_ids.prompt_once())
 
     usage_field = {"usage": None} if body.include_usage else {}
 
     def chunk(index: int, text: str, lp: dict | None, finish_reason: str | None) -> str:
-        choice = openai.completion_choice(index, text, lp, finish_reason)
-        return openai.sse(openai.completion(id, created, body.model, [choice]) | usage_field)
+        choice = openai.completion_choice(index, text, lp, finish_reason) | token_ids.choice(index)
+        return openai.sse(openai.completion(id, created, body.model, [choice]) | usage_field | token_ids.prompt_once())
 
     async def events() -> AsyncIterator[str]:
         generated = 0
@@ -296,6 +303,7 @@ async def completions(request: Request) -> Response:
                     yield chunk(index, echo, None, None)
             async for delta in flight.deltas():
                 generated += delta.token_id >= 0
+                token_ids.add(delta.index, delta.token_id)
                 if delta.logprob is not None:
                     pending[delta.index].append(delta.logprob)
                 if delta.text or delta.finish_reason:
@@ -329,6 +337,8 @@ async def chat_completions(request: Request) -> Response:
     def logprobs(entries: list[TokenLogprob]) -> dict | None:
         return openai.chat_logprobs(entries) if body.logprobs else None
 
+    token_ids = openai.TokenIdFields(served.model.tokenizer, [prompt], body.return_token_ids)
+
     if not body.stream:
         try:
             choices = await flight.collect()
@@ -337,15 +347,18 @@ async def chat_completions(request: Request) -> Response:
         finally:
             flight.close()
         replies = [plan.message("".join(c.text), c.finish_reason or "stop") for c in choices]
-        result = [openai.chat_choice(i, m, logprobs(c.logprobs), f) for i, (c, (m, f)) in enumerate(zip(choices, replies))]
+        result = [
+            openai.chat_choice(i, m, logprobs(c.logprobs), f) | token_ids.of(c.token_ids)
+            for i, (c, (m, f)) in enumerate(zip(choices, replies))
+        ]
         usage = openai.usage(prompt_tokens, sum(c.tokens for c in choices))
-        return JSONResponse(openai.chat_completion(id, created, body.model, result) | {"usage": usage})
+        return JSONResponse(openai.chat_completion(id, created, body.model, result) | {"usage": usage} | token_ids.prompt_once())
 
     usage_field = {"usage": None} if body.include_usage else {}
 
     def chunk(index: int, delta: dict, lp: dict | None, finish_reason: str | None) -> str:
-        choice = openai.chat_chunk_choice(index, delta, lp, finish_reason)
-        return openai.sse(openai.chat_chunk(id, created, body.model, [choice]) | usage_field)
+        choice = openai.chat_chunk_choice(index, delta, lp, finish_reason) | token_ids.choice(index)
+        return openai.sse(openai.chat_chunk(id, created, body.model, [choice]) | usage_field | token_ids.prompt_once())
 
     async def events() -> AsyncIterator[str]:
         generated = 0
@@ -355,6 +368,7 @@ async def chat_completions(request: Request) -> Response:
                 yield chunk(index, {"role": "assistant", "content": ""}, None, None)
             async for delta in flight.deltas():
                 generated += delta.token_id >= 0
+                token_ids.add(delta.index, delta.token_id)
                 if delta.logprob is not None:
                     pending[delta.index].append(delta.logprob)
                 for piece in plan.deltas(delta.index, delta.text):
@@ -426,7 +440,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
     if body.messages is not None:  # what the model reads, tools and all
         result["prompt"] = tokenizer.decode(ids, skip_special_tokens=False)
     if body.return_token_strs:
-        result["token_strs"] = [tokenizer.token_text(i) for i in ids]
+        result["token_strs"] = readable_tokens(tokenizer, ids)
     return result
 
 
@@ -463,7 +477,8 @@ async def health(request: Request) -> JSONResponse:
 # --- the app ----------------------------------------------------------------------------------
 
 ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize",
-          "/health", "/metrics", "/v1/retrieve"}  # fmt: skip
+          "/health", "/metrics", "/v1/retrieve", "/v1/inspect/stages", "/v1/inspect/attention",
+          "/v1/inspect/embeddings", "/v1/inspect/model"}  # fmt: skip
 
 
 class CountRequests:
@@ -512,6 +527,9 @@ def create_app(
     app.state.models = served
     app.include_router(router)
     app.include_router(retrieval_routes.router, dependencies=[Depends(check_api_key)])
+    from attendo.server.inspect_routes import router as inspection  # it imports this module's helpers
+
+    app.include_router(inspection)
     app.add_api_route("/health", health, methods=["GET"])
 
     @app.exception_handler(APIError)
