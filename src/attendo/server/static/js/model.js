@@ -33,8 +33,10 @@ function split(entry) {
   const lines = [];
   const parts = [];
   for (const [key, value] of Object.entries(entry)) {
-    if (key === "stage" || key === "name" || key === "count") continue;
-    if (value && typeof value === "object" && !Array.isArray(value)) parts.push([key, value]);
+    if (key === "stage" || key === "name" || key === "count" || key === "stack") continue;
+    const small = value && typeof value === "object" && !Array.isArray(value) && Object.keys(value).length <= 2;
+    if (small) lines.push(`${title(key)}: ${Object.values(value).map(formatValue).join(", ")}`);
+    else if (value && typeof value === "object" && !Array.isArray(value)) parts.push([key, value]);
     else if (Array.isArray(value) && value.length && typeof value[0] === "object") value.forEach((v, i) => parts.push([v.stage || v.name || `${key} ${i + 1}`, v]));
     else lines.push(`${title(key)}: ${formatValue(value)}`);
   }
@@ -44,7 +46,7 @@ function split(entry) {
 // Draws `entry` as a box at (x, y) of the given width; returns its height.
 function box(group, entry, name, x, y, width, depth) {
   const { lines, parts } = split(entry);
-  const heading = entry.count ? `${entry.count} × ${title(name)}` : title(name);
+  const heading = entry.count ? `${entry.count} × ${entry.stack ? `${entry.stack} ` : ""}block` : title(name);
   const inner = svg("g");
   let height = 26 + lines.length * LINE;
   if (parts.length) {
