@@ -173,10 +173,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    from attendo.inspect.tokens import readable_tokens
+
     model = load_model(args)
     ids = model.tokenizer.encode(args.text, add_special_tokens=not args.no_special)
+    tokens = readable_tokens(model.tokenizer, ids)  # byte pieces as <0xF0>, never "�"
     if args.json:
-        print(json.dumps([{"id": i, "token": model.tokenizer.token_text(i)} for i in ids], ensure_ascii=False))
+        print(json.dumps([{"id": i, "token": t} for i, t in zip(ids, tokens)], ensure_ascii=False))
         return
     from rich.console import Console
     from rich.table import Table
@@ -185,8 +188,8 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     table.add_column("#", justify="right")
     table.add_column("token")
     table.add_column("id", justify="right")
-    for position, token_id in enumerate(ids):
-        table.add_row(str(position), repr(model.tokenizer.token_text(token_id)), str(token_id))
+    for position, (token_id, token) in enumerate(zip(ids, tokens)):
+        table.add_row(str(position), repr(token), str(token_id))
     Console().print(table)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import nn
@@ -16,7 +16,11 @@ from attendo.errors import InvalidSettingError, UnsupportedModelError
 from attendo.generation.beam import BeamSettings, decoder_beam_search, split_beam_settings
 from attendo.generation.loop import Batch, Event, GenerationResult, Request, run
 from attendo.generation.sampler import SamplingSettings
+from attendo.layers.attention import LayerRecord
 from attendo.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from attendo.inspect.stages import StagesReport
 
 DEFAULT_MAX_NEW_TOKENS = 128
 _SETTING_NAMES = {f.name for f in fields(SamplingSettings)}
@@ -68,12 +72,30 @@ class Model:
         return self.network(_as_batch(token_ids)).float()
 
     @torch.inference_mode()
-    def attention_maps(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
+    def attention_maps(self, token_ids: torch.Tensor | list[list[int]], layer: int | None = None) -> torch.Tensor:
         """Attention weights (layers, batch, heads, query positions, key positions), from the
-        explicit softmax(QKᵀ/√d)V path."""
-        record: list[torch.Tensor] = []
+        explicit softmax(QKᵀ/√d)V path; with `layer`, that layer's only (the first axis is 1)."""
+        record = LayerRecord(layer)
         self.network(_as_batch(token_ids), record=record)
         return torch.stack(record)
+
+    @torch.inference_mode()
+    def next_token_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Float logits (vocabulary,) of the token after token_ids; the LM head, the largest
+        product of a small model, runs at the last position only."""
+        tokens = _as_batch([token_ids])
+        return self.network(tokens, logits_index=torch.tensor([tokens.shape[1] - 1]))[0].float()
+
+    def sampling_stages(
+        self, prompt: str | list[int], *, top: int = 20, chosen: int | None = None, **settings: Any
+    ) -> StagesReport:
+        """The next token's distribution after each sampler stage, with the settings generate()
+        would use (see attendo.inspect.stages); `chosen` marks a token, else the one generate()
+        would pick first with these settings and seed."""
+        from attendo.inspect.stages import model_stages
+
+        ids = self._encode_prompt(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        return model_stages(self, ids, self.sampling_settings(**settings), top=top, chosen=chosen)
 
     def sampling_settings(self, **overrides: Any) -> SamplingSettings:
         """The model's own defaults (generation_config.json) with the given settings on top.

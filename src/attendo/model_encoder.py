@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from attendo.errors import InvalidSettingError, UnsupportedModelError
+from attendo.layers.attention import LayerRecord
 from attendo.layers.pooling import Pooling, pool
 from attendo.model import Model, _as_batch
 from attendo.models.encoder import EncoderLM
@@ -124,9 +125,10 @@ class EncoderModel(Model):
         return self.network.hidden_states(_as_batch(token_ids)).float()
 
     @torch.inference_mode()
-    def attention_maps(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
-        """Attention weights (layers, batch, heads, query positions, key positions)."""
-        record: list[torch.Tensor] = []
+    def attention_maps(self, token_ids: torch.Tensor | list[list[int]], layer: int | None = None) -> torch.Tensor:
+        """Attention weights (layers, batch, heads, query positions, key positions); with
+        `layer`, that layer's only (the first axis is 1)."""
+        record = LayerRecord(layer)
         self.network.hidden_states(_as_batch(token_ids), record=record)
         return torch.stack(record)
 

@@ -59,6 +59,22 @@ class AttentionContext:
     memory: EncoderMemory | None = None
 
 
+class LayerRecord(list):
+    """A record (see AttentionContext.record) that keeps the weights of one layer only, so that
+    looking at one layer of a long text holds one layer's weights, not every layer's. Each stack
+    appends once per layer, in order; `layer` None keeps them all."""
+
+    def __init__(self, layer: int | None = None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.seen = 0
+
+    def append(self, weights: torch.Tensor) -> None:
+        if self.layer is None or self.seen == self.layer:
+            super().append(weights)
+        self.seen += 1
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

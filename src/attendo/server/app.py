@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from attendo.errors import AttendoError, ContextLengthError, UnsupportedModelError
 from attendo.generation.loop import Request as GenerationRequest
 from attendo.generation.loop import TokenLogprob, check_request
+from attendo.inspect.tokens import readable_tokens
 from attendo.model import Model
 from attendo.server import responses as openai
 from attendo.server.errors import APIError, bad_request, queue_full, unavailable
@@ -148,6 +149,7 @@ class ClientGone(Exception):
 class Choice:
     text: list[str] = field(default_factory=list)
     tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -177,6 +179,8 @@ class Flight:
             choice = choices[delta.index]
             choice.text.append(delta.text)
             choice.tokens += delta.token_id >= 0
+            if delta.token_id >= 0:
+                choice.token_ids.append(delta.token_id)
             if delta.logprob is not None:
                 choice.logprobs.append(delta.logprob)
             if delta.finish_reason is not None:
@@ -265,6 +269,8 @@ async def completions(request: Request) -> Response:
     def logprobs(entries: list[TokenLogprob], offset: int) -> dict | None:
         return openai.completion_logprobs(entries, offset) if body.logprobs is not None else None
 
+    token_ids = openai.TokenIdFields(served.model.tokenizer, prompts, body.return_token_ids)
+
     if not body.stream:
         try:
             choices = await flight.collect()
@@ -274,16 +280,17 @@ async def completions(request: Request) -> Response:
             flight.close()
         result = [
             openai.completion_choice(i, echoes[i] + "".join(c.text), logprobs(c.logprobs, len(echoes[i])), c.finish_reason)
+            | token_ids.of(c.token_ids)
             for i, c in enumerate(choices)
         ]
         usage = openai.usage(prompt_tokens, sum(c.tokens for c in choices))
-        return JSONResponse(openai.completion(id, created, body.model, result) | {"usage": usage})
+        return JSONResponse(openai.completion(id, created, body.model, result) | {"usage": usage} | token_ids.prompt_once())
 
     usage_field = {"usage": None} if body.include_usage else {}
 
     def chunk(index: int, text: str, lp: dict | None, finish_reason: str | None) -> str:
-        choice = openai.completion_choice(index, text, lp, finish_reason)
-        return openai.sse(openai.completion(id, created, body.model, [choice]) | usage_field)
+        choice = openai.completion_choice(index, text, lp, finish_reason) | token_ids.choice(index)
+        return openai.sse(openai.completion(id, created, body.model, [choice]) | usage_field | token_ids.prompt_once())
 
     async def events() -> AsyncIterator[str]:
         generated = 0
@@ -295,6 +302,7 @@ async def completions(request: Request) -> Response:
                     yield chunk(index, echo, None, None)
             async for delta in flight.deltas():
                 generated += delta.token_id >= 0
+                token_ids.add(delta.index, delta.token_id)
                 if delta.logprob is not None:
                     pending[delta.index].append(delta.logprob)
                 if delta.text or delta.finish_reason:
@@ -331,6 +339,8 @@ async def chat_completions(request: Request) -> Response:
     def logprobs(entries: list[TokenLogprob]) -> dict | None:
         return openai.chat_logprobs(entries) if body.logprobs else None
 
+    token_ids = openai.TokenIdFields(served.model.tokenizer, [prompt], body.return_token_ids)
+
     if not body.stream:
         try:
             choices = await flight.collect()
@@ -339,16 +349,18 @@ async def chat_completions(request: Request) -> Response:
         finally:
             flight.close()
         result = [
-            openai.chat_choice(i, "".join(c.text), logprobs(c.logprobs), c.finish_reason) for i, c in enumerate(choices)
+            openai.chat_choice(i, "".join(c.text), logprobs(c.logprobs), c.finish_reason)
+            | token_ids.of(c.token_ids)
+            for i, c in enumerate(choices)
         ]
         usage = openai.usage(prompt_tokens, sum(c.tokens for c in choices))
-        return JSONResponse(openai.chat_completion(id, created, body.model, result) | {"usage": usage})
+        return JSONResponse(openai.chat_completion(id, created, body.model, result) | {"usage": usage} | token_ids.prompt_once())
 
     usage_field = {"usage": None} if body.include_usage else {}
 
     def chunk(index: int, delta: dict, lp: dict | None, finish_reason: str | None) -> str:
-        choice = openai.chat_chunk_choice(index, delta, lp, finish_reason)
-        return openai.sse(openai.chat_chunk(id, created, body.model, [choice]) | usage_field)
+        choice = openai.chat_chunk_choice(index, delta, lp, finish_reason) | token_ids.choice(index)
+        return openai.sse(openai.chat_chunk(id, created, body.model, [choice]) | usage_field | token_ids.prompt_once())
 
     async def events() -> AsyncIterator[str]:
         generated = 0
@@ -358,6 +370,7 @@ async def chat_completions(request: Request) -> Response:
                 yield chunk(index, {"role": "assistant", "content": ""}, None, None)
             async for delta in flight.deltas():
                 generated += delta.token_id >= 0
+                token_ids.add(delta.index, delta.token_id)
                 if delta.logprob is not None:
                     pending[delta.index].append(delta.logprob)
                 if delta.text:
@@ -423,7 +436,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
         raise bad_request(str(e), param="messages") from None
     result: dict[str, Any] = {"count": len(ids), "max_model_len": served.window, "tokens": ids}
     if body.return_token_strs:
-        result["token_strs"] = [tokenizer.token_text(i) for i in ids]
+        result["token_strs"] = readable_tokens(tokenizer, ids)
     return result
 
 
@@ -460,7 +473,8 @@ async def health(request: Request) -> JSONResponse:
 # --- the app ----------------------------------------------------------------------------------
 
 ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize",
-          "/health", "/metrics"}  # fmt: skip
+          "/health", "/metrics", "/v1/inspect/stages", "/v1/inspect/attention", "/v1/inspect/embeddings",
+          "/v1/inspect/model"}  # fmt: skip
 
 
 class CountRequests:
@@ -508,6 +522,9 @@ def create_app(
     app = FastAPI(title="attendo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models = served
     app.include_router(router)
+    from attendo.server.inspect_routes import router as inspection  # it imports this module's helpers
+
+    app.include_router(inspection)
     app.add_api_route("/health", health, methods=["GET"])
     # The playground page (public like /health: it asks for the API key itself).
     app.add_api_route("/", lambda: FileResponse(PLAYGROUND / "index.html"), methods=["GET"], include_in_schema=False)

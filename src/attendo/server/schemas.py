@@ -48,6 +48,7 @@ class GenerationBody(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored
+    return_token_ids: bool = False  # attendo: also the ids and readable strings of the tokens
 
     @field_validator("stop")
     @classmethod
@@ -226,12 +227,64 @@ class DetokenizeBody(_Body):
     tokens: TokenIds
 
 
+# --- inspection (attendo's own routes, /v1/inspect/...) -------------------------------------
+
+MAX_STAGE_TOKENS = 200  # tokens listed per stage
+MAX_GEOMETRY_INPUTS = 200
+
+
+class StageSettings(_Body):
+    """The sampler settings of one step; a missing one is off (not the model's default)."""
+
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=2**64)
+
+    def given(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class StagesBody(_Body):
+    model: str = Field(min_length=1)
+    token_ids: TokenIds = Field(min_length=1)
+    settings: StageSettings = Field(default_factory=StageSettings)
+    top: int = Field(20, ge=1, le=MAX_STAGE_TOKENS)
+    chosen: int | None = None
+
+
+class AttentionBody(_Body):
+    model: str = Field(min_length=1)
+    text: str | None = None
+    token_ids: TokenIds | None = None
+    target: str | None = None
+    layer: int = 0
+
+    @model_validator(mode="after")
+    def _one_of(self) -> AttentionBody:
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("give exactly one of text and token_ids")
+        return self
+
+
+class GeometryBody(_Body):
+    model: str = Field(min_length=1)
+    inputs: list[str] = Field(min_length=2, max_length=MAX_GEOMETRY_INPUTS)
+    dims: Literal[2, 3] = 2
+
+
 Body = TypeVar("Body", bound=BaseModel)
 _FIELD_NAMES = {
     name
-    for kind in (CompletionBody, ChatBody, Message, StreamOptions, EmbeddingBody, TokenizeBody, DetokenizeBody)
+    for kind in (CompletionBody, ChatBody, Message, StreamOptions, EmbeddingBody, TokenizeBody, DetokenizeBody,
+                 StageSettings, StagesBody, AttentionBody, GeometryBody)
     for name in kind.model_fields
-}
+}  # fmt: skip
 
 
 def parse(kind: type[Body], data: Any) -> Body:
