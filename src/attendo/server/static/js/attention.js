@@ -10,7 +10,7 @@ import { on, selectedModel, state } from "./state.js";
 
 const KIND_TITLES = { self: "self-attention", encoder: "encoder self-attention", decoder: "decoder self-attention (masked)", cross: "cross-attention (decoder reads encoder)" };
 const MASKED = "#eceff3"; // a query cannot see this key (causal mask): not a weight
-const THUMB = 112;
+const THUMB = 84;
 
 let response = null;
 let fromGeneration = null; // {ids, promptLength} when the text is the last generation
@@ -80,9 +80,11 @@ function current() {
   return { kind, weights, queries: list(kind.queries), keys: list(kind.keys), causal, head };
 }
 
-function maxOf(weights) {
+// The top of the colour scale. Under a causal mask the first query can only attend to itself
+// (weight 1), so that row is left out: it would wash every other row out. Heavier cells saturate.
+function maxOf(weights, causal) {
   let max = 0;
-  for (const row of weights) for (const w of row) if (w > max) max = w;
+  for (const row of causal && weights.length > 1 ? weights.slice(1) : weights) for (const w of row) if (w > max) max = w;
   return max || 1;
 }
 
@@ -119,7 +121,7 @@ function drawThumbnails() {
     const canvas = h("canvas", { class: "thumb", "aria-hidden": "true" });
     const context = sizeCanvas(canvas, THUMB, THUMB);
     context.imageSmoothingEnabled = false;
-    context.drawImage(image(weights, causal, maxOf(weights)), 0, 0, THUMB, THUMB);
+    context.drawImage(image(weights, causal, maxOf(weights, causal)), 0, 0, THUMB, THUMB);
     const button = h("button", { type: "button", class: `thumb-button${name === selected ? " selected" : ""}`, dataset: { head: name }, "aria-pressed": String(name === selected) }, canvas, h("span", {}, name === "average" ? "average" : `head ${name}`));
     button.addEventListener("click", () => {
       $("attention-head").value = name;
@@ -151,12 +153,14 @@ function drawHeatmap() {
   const labelWidth = (list) => Math.min(120, Math.max(...list.map((t) => probe.measureText(visibleLabel(labelText(t))).width)) + 10);
   const left = labelWidth(queries);
   const top = labelWidth(keys) * 0.75 + 8;
-  const available = Math.max(200, $("attention-zoom").clientWidth - left - 16);
-  const cell = Math.max(2, Math.min(28, Math.floor(available / m)));
+  // Cells as big as the width and most of the window's height allow, so that the whole map shows.
+  const across = Math.max(200, $("attention-zoom").clientWidth - left - 16);
+  const down = Math.max(200, window.innerHeight * 0.85 - top);
+  const cell = Math.max(2, Math.min(28, Math.floor(across / m), Math.floor(down / n)));
   const width = left + cell * m + 8;
   const height = top + cell * n + 8;
   const context = sizeCanvas(canvas, width, height);
-  const max = maxOf(weights);
+  const max = maxOf(weights, causal);
   context.imageSmoothingEnabled = false;
   context.drawImage(image(weights, causal, max), left, top, cell * m, cell * n);
   // Labels: all of them when a cell is tall enough for a line of text, else every k-th.
@@ -193,7 +197,7 @@ function drawHeatmap() {
     context.strokeRect(left + cursor[1] * cell, top + cursor[0] * cell, cell, cell);
   }
   layout = { left, top, cell, n, m };
-  const items = [legend("attention weight", (t) => css(attentionColor(t / max)), 0, max, "0", max.toFixed(2))];
+  const items = [legend("attention weight", (t) => css(attentionColor(t / max)), 0, max, "0", `${max < 0.995 ? "≥ " : ""}${max.toFixed(2)}`)];
   if (causal) items.push(h("span", { class: "legend-item" }, h("span", { class: "swatch", style: `background: ${MASKED}` }), " masked: a token cannot attend to later ones"));
   if (fromGeneration && response.kinds.self) items.push(h("span", { class: "legend-item" }, h("span", { class: "dash-sample" }), " prompt | output"));
   $("attention-legend").replaceChildren(...items);

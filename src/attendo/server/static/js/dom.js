@@ -31,26 +31,38 @@ export function replaceChildren(node, ...children) {
 }
 
 const BYTE_PIECE = /^<0x[0-9A-Fa-f]{2}>$/;
+const BYTE_PIECES = /(<0x[0-9A-Fa-f]{2}>)/;
+
+// Other control characters as their Unicode pictures (U+0011 as ␑), or null.
+function control(ch) {
+  const code = ch.codePointAt(0);
+  return code < 0x20 ? String.fromCodePoint(0x2400 + code) : code === 0x7f ? "␡" : null;
+}
 
 // A token's string as a fragment: spaces, newlines and tabs as visible marks, byte-fallback
-// pieces (<0xF0>) in their own style, so that a token's boundaries and whitespace are honest.
+// pieces (<0xF0>) in their own style, control characters as pictures, so that a token's
+// boundaries and whitespace are honest.
 export function tokenText(text) {
   const fragment = document.createDocumentFragment();
-  if (BYTE_PIECE.test(text)) {
-    fragment.append(h("span", { class: "byte" }, text));
-    return fragment;
-  }
   if (text === "") {
     fragment.append(h("span", { class: "ws-mark" }, "∅"));
     return fragment;
   }
+  for (const piece of text.split(BYTE_PIECES)) {
+    if (BYTE_PIECE.test(piece)) fragment.append(h("span", { class: "byte" }, piece));
+    else appendMarked(fragment, piece);
+  }
+  return fragment;
+}
+
+function appendMarked(fragment, text) {
   let plain = "";
   const flush = () => {
     if (plain) fragment.append(document.createTextNode(plain));
     plain = "";
   };
   for (const ch of text) {
-    const mark = ch === " " ? "·" : ch === "\n" ? "↵" : ch === "\t" ? "⇥" : ch === "\r" ? "␍" : null;
+    const mark = ch === " " ? "·" : ch === "\n" ? "↵" : ch === "\t" ? "⇥" : control(ch);
     if (mark === null) {
       plain += ch;
       continue;
@@ -59,12 +71,15 @@ export function tokenText(text) {
     fragment.append(h("span", { class: "ws-mark" }, mark));
   }
   flush();
-  return fragment;
 }
 
 // The token as it sits in running text: its own characters, with newlines kept as line breaks.
 export function flowText(text) {
-  return BYTE_PIECE.test(text) ? h("span", { class: "byte" }, text) : document.createTextNode(text);
+  const fragment = document.createDocumentFragment();
+  for (const piece of text.split(BYTE_PIECES)) {
+    if (piece) fragment.append(BYTE_PIECE.test(piece) ? h("span", { class: "byte" }, piece) : document.createTextNode(piece));
+  }
+  return fragment;
 }
 
 export const percent = (p) => (p >= 0.995 ? "100%" : p >= 0.1 ? `${(p * 100).toFixed(1)}%` : p >= 0.001 ? `${(p * 100).toFixed(2)}%` : p > 0 ? `${(p * 100).toExponential(1)}%` : "0");

@@ -15,6 +15,7 @@ let result = null; // the route's answer and the inputs it was for
 let picked = []; // indices of at most two points
 let yaw = -0.6;
 let pitch = 0.35;
+let zoom = 1; // the mouse wheel or + and - scale the plot
 let screen = []; // where each point was drawn: [{x, y, index}]
 
 async function place() {
@@ -40,7 +41,7 @@ async function place() {
 function describe() {
   const variance = result.explained_variance.map((v, i) => `PC${i + 1} ${(v * 100).toFixed(0)}%`).join(", ");
   $("embed-source").textContent = `${result.model}: ${result.source}. The axes are the ${result.dims} principal components, which keep ${variance} of the variance.`;
-  $("embed-help").textContent = result.dims === 3 ? "Drag (or use the arrow keys) to rotate. Click two points to compare them." : "Click two points to compare them.";
+  $("embed-help").textContent = result.dims === 3 ? "Drag (or the arrow keys) to rotate, scroll (or + and -) to zoom. Click two points to compare them." : "Scroll (or + and -) to zoom. Click two points to compare them.";
 }
 
 // --- the projection ---------------------------------------------------------------------------
@@ -59,7 +60,7 @@ function rotate([x, y, z]) {
 function projection(points, width, height) {
   const three = result.dims === 3;
   const radius = Math.max(1e-9, ...points.map((p) => Math.hypot(...p)));
-  const half = Math.min(width, height) / 2 - PAD;
+  const half = (Math.min(width, height) / 2 - PAD) * zoom;
   const distance = 3.2; // the camera's distance, in units of the cloud's radius
   return (point) => {
     const [x, y, z] = three ? rotate(point.map((v) => v / radius)) : [point[0] / radius, point[1] / radius, 0];
@@ -91,6 +92,7 @@ function draw() {
   }
   context.font = "13px system-ui, sans-serif";
   context.textBaseline = "middle";
+  const labels = placeLabels(context, drawn);
   for (const d of drawn) {
     const selected = picked.includes(d.index);
     const r = 4.5 * d.depth;
@@ -107,12 +109,41 @@ function draw() {
       context.stroke();
     }
     context.fillStyle = selected ? "#4c1d95" : "#1f2933";
-    const label = result.inputs[d.index];
-    context.fillText(label.length > 28 ? `${label.slice(0, 27)}…` : label, d.x + r + 4, d.y);
+    const label = labels.get(d.index);
+    context.fillText(label.text, label.x, label.y);
   }
   context.globalAlpha = 1;
   screen = drawn;
   showPair();
+}
+
+// Each point's label beside it: right, left, above or below, whichever first overlaps no label
+// or point placed before it (nearest points first, so that they get the best places).
+function placeLabels(context, drawn) {
+  const placed = drawn.map((d) => ({ x: d.x - 6, y: d.y - 6, w: 12, h: 12 })); // the points themselves
+  const labels = new Map();
+  const overlaps = (a) => placed.some((b) => a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h);
+  for (const d of [...drawn].reverse()) {
+    const full = result.inputs[d.index];
+    const text = full.length > 28 ? `${full.slice(0, 27)}…` : full;
+    const w = context.measureText(text).width;
+    const r = 4.5 * d.depth + 4;
+    const candidates = [
+      [d.x + r, d.y],
+      [d.x - r - w, d.y],
+      [d.x - w / 2, d.y - r - 7],
+      [d.x - w / 2, d.y + r + 7],
+      [d.x + r, d.y - 14],
+      [d.x + r, d.y + 14],
+      [d.x - r - w, d.y - 14],
+      [d.x - r - w, d.y + 14],
+    ];
+    const boxes = candidates.map(([x, y]) => ({ x, y: y - 8, w, h: 16, at: [x, y] }));
+    const box = boxes.find((b) => !overlaps(b)) || boxes[0];
+    placed.push(box);
+    labels.set(d.index, { text, x: box.at[0], y: box.at[1] });
+  }
+  return labels;
 }
 
 function drawAxes(context, toScreen, points) {
@@ -225,7 +256,22 @@ function wireRotation() {
     if (drag && !drag.moved) pickAt(event);
     drag = null;
   });
+  canvas.addEventListener(
+    "wheel",
+    (event) => {
+      if (!result) return;
+      event.preventDefault();
+      zoom = Math.min(8, Math.max(0.5, zoom * Math.exp(-event.deltaY * 0.001)));
+      draw();
+    },
+    { passive: false },
+  );
   canvas.addEventListener("keydown", (event) => {
+    if ((event.key === "+" || event.key === "-") && result) {
+      zoom = Math.min(8, Math.max(0.5, zoom * (event.key === "+" ? 1.25 : 0.8)));
+      draw();
+      return;
+    }
     const turn = { ArrowLeft: [-0.1, 0], ArrowRight: [0.1, 0], ArrowUp: [0, -0.1], ArrowDown: [0, 0.1] }[event.key];
     if (!turn || !result || result.dims !== 3) return;
     event.preventDefault();

@@ -121,6 +121,7 @@ function groupNode(record, group) {
   const indices = Array.from({ length: group.count }, (_, k) => group.first + k);
   const node = h("span", { class: "gen-token", style: tint(record, indices), dataset: { step: group.first } }, flowText(group.text));
   if (record.tokens[group.first]?.branched) node.classList.add("branched");
+  if (/^\s*\n\s*$/.test(group.text)) node.classList.add("newline"); // drawn with a ↵ (CSS), so that it can be clicked
   if (!indices.length) return node;
   withTip(node, () => indices.flatMap((i, k) => (k ? [h("hr"), ...tokenTip(record, i)] : tokenTip(record, i))));
   if (record.tokens[group.first].id !== null) clickable(node, () => openStep(record, group.first));
@@ -187,6 +188,7 @@ async function run(path, body, record, container) {
   setRunning(true);
   clearError();
   const timing = { start: performance.now(), first: null, last: null };
+  $("stats").textContent = "waiting for the first token…";
   let outcome = "";
   try {
     await postStream(

@@ -119,12 +119,19 @@ async function loadModels() {
   if (first) selectModel(first.id);
 }
 
+// "134,515,008" -> "135M"
+function compact(count) {
+  const n = Number(String(count).replaceAll(",", ""));
+  if (!Number.isFinite(n)) return String(count);
+  return n >= 1e9 ? `${(n / 1e9).toFixed(1)}B` : n >= 1e6 ? `${Math.round(n / 1e6)}M` : n >= 1e3 ? `${Math.round(n / 1e3)}K` : String(n);
+}
+
 function selectModel(id) {
   state.model = id;
   $("model").value = id;
   localStorage.setItem(MODEL_KEY, id);
   const model = selectedModel();
-  $("model-family").textContent = model && model.info ? `${model.info.parameters} parameters` : "";
+  $("model-family").textContent = model && model.info ? `${compact(model.info.parameters)} parameters` : "";
   emit("model", model);
 }
 

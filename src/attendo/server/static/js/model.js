@@ -34,6 +34,7 @@ function split(entry) {
   const parts = [];
   for (const [key, value] of Object.entries(entry)) {
     if (key === "stage" || key === "name" || key === "count" || key === "stack") continue;
+    if (value === null || value === false || value === 0) continue; // a feature the model does not have
     const small = value && typeof value === "object" && !Array.isArray(value) && Object.keys(value).length <= 2;
     if (small) lines.push(`${title(key)}: ${Object.values(value).map(formatValue).join(", ")}`);
     else if (value && typeof value === "object" && !Array.isArray(value)) parts.push([key, value]);

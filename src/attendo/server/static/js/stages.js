@@ -149,13 +149,14 @@ function rowsOf(stages) {
 }
 
 function stageHeader(stage, settings) {
-  const stats = [`${stage.kept.toLocaleString()} kept`, `mass ${percent(stage.mass)}`, `H ${stage.entropy.toFixed(2)} bits`];
+  const cut = stage.threshold !== null && stage.threshold !== undefined;
   return h(
     "div",
     { class: "st-head", role: "columnheader", dataset: { stage: stage.name } },
     h("div", { class: "st-name" }, settingLabel(stage.name, settings)),
-    h("div", { class: "st-stats" }, stats.join(" · ")),
-    h("div", { class: "st-cut" }, stage.threshold !== null && stage.threshold !== undefined ? `cut below p ${percent(stage.threshold)}` : "nothing cut"),
+    h("div", { class: "st-stats" }, `${stage.kept.toLocaleString()} kept`),
+    h("div", { class: "st-entropy" }, `entropy ${stage.entropy.toFixed(2)} bits`),
+    h("div", { class: cut ? "st-cut" : "st-uncut" }, cut ? `cut below p ${percent(stage.threshold)}, kept ${percent(stage.mass)} of the mass` : "nothing cut"),
   );
 }
 
@@ -247,6 +248,7 @@ function drawSteps() {
   if (!record) return;
   const chips = record.tokens.map((t, i) => {
     const chip = h("span", { class: `step-token${i === state.step ? " current" : ""}${t.branched ? " branched" : ""}`, dataset: { step: i }, title: `step ${i + 1} · id ${t.id}` }, flowText(t.text));
+    if (/^\s*\n\s*$/.test(t.text)) chip.classList.add("newline"); // drawn with a ↵ (CSS), so that it can be clicked
     return clickable(chip, () => emit("step", i));
   });
   strip.replaceChildren(h("span", { class: "prompt-text" }, promptTail(record)), ...chips);
