@@ -286,6 +286,7 @@ export function setup() {
     const seq2seq = Boolean(model && model.family === "encoder-decoder");
     $("attention-target-label").hidden = !seq2seq;
     $("attention-last").hidden = seq2seq;
+    $("attention-text-hint").textContent = seq2seq ? "what the encoder reads" : "the prompt and output of the last generation, or anything";
     response = null;
     fromGeneration = null;
     $("attention-panel").hidden = true;

@@ -403,7 +403,9 @@ export function setup() {
   on("model", (model) => {
     const can = generates(model);
     $("generate").disabled = !can || running !== null;
-    $("generate").title = can ? "Ctrl+Enter" : `${model.id} (${model.family}) does not generate text: pick a decoder model`;
+    $("generate").title = can ? "Ctrl+Enter" : `${model.id} does not generate text`;
+    $("generate-note").hidden = can;
+    $("generate-note").textContent = can ? "" : `${model.id} is an ${model.family} model: the server generates with decoder-only models, so pick one of those here. The Tokens, Attention, Embeddings and Model views work with ${model.id}.`;
   });
   setMode(mode());
   syncSampling();

@@ -9,6 +9,7 @@ import { on, selectedModel } from "./state.js";
 const SVG = "http://www.w3.org/2000/svg";
 const WIDTH = 560;
 const LINE = 17;
+const CHAR_WIDTH = 7.3; // of the 12px monospace lines
 const GAP = 26; // room for the arrow between two boxes
 const TITLES = { lm_head: "LM head", feed_forward: "feed-forward", cross_attention: "cross-attention", self_attention: "self-attention" };
 const FILL = { stack: "#eef2ff", box: "#ffffff", sub: "#f8fafc" };
@@ -45,8 +46,23 @@ function split(entry) {
 }
 
 // Draws `entry` as a box at (x, y) of the given width; returns its height.
+// A line cut at spaces into pieces of at most `chars` characters (SVG text does not wrap).
+function wrap(line, chars) {
+  const pieces = [];
+  let current = "";
+  for (const word of line.split(" ")) {
+    if (current && current.length + 1 + word.length > chars) {
+      pieces.push(current);
+      current = `  ${word}`;
+    } else current = current ? `${current} ${word}` : word;
+  }
+  pieces.push(current);
+  return pieces;
+}
+
 function box(group, entry, name, x, y, width, depth) {
-  const { lines, parts } = split(entry);
+  const { lines: own, parts } = split(entry);
+  const lines = own.flatMap((line) => wrap(line, Math.floor((width - 20) / CHAR_WIDTH)));
   const heading = entry.count ? `${entry.count} × ${entry.stack ? `${entry.stack} ` : ""}block` : title(name);
   const inner = svg("g");
   let height = 26 + lines.length * LINE;
