@@ -82,7 +82,15 @@ export function flowText(text) {
   return fragment;
 }
 
-export const percent = (p) => (p >= 0.995 ? "100%" : p >= 0.1 ? `${(p * 100).toFixed(1)}%` : p >= 0.001 ? `${(p * 100).toFixed(2)}%` : p > 0 ? `${(p * 100).toExponential(1)}%` : "0");
+// A probability as a percentage with about two significant digits.
+export function percent(p) {
+  const pct = p * 100;
+  if (pct >= 99.95) return "100%";
+  if (pct >= 10) return `${pct.toFixed(1)}%`;
+  if (pct >= 0.1) return `${pct.toFixed(2)}%`;
+  if (pct >= 0.001) return `${pct.toPrecision(2)}%`;
+  return p > 0 ? "<0.001%" : "0";
+}
 
 // One floating tooltip for the whole page; its content is built from nodes (text only).
 const tip = () => $("tooltip");
