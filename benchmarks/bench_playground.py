@@ -50,35 +50,19 @@ PASSAGE = (
     "was grey, for they carried their own maps of the stars, yet she kept it burning all the same."
 )
 
-# Moves a slider as a user does (an input event) and resolves, once the view has redrawn and the
-# next frame has been painted, to the milliseconds that took.
-SLIDER_MOVE = """async ([name, value]) => {
-  const table = document.getElementById("stages-table");
-  const before = Number(table.dataset.renders || 0);
-  const input = document.querySelector(`#stage-controls input[name="${name}"]`);
-  const started = performance.now();
-  input.value = String(value);
-  input.dispatchEvent(new Event("input", { bubbles: true }));
-  await new Promise((done) => {
-    const check = () => (Number(table.dataset.renders) > before ? done() : requestAnimationFrame(check));
-    check();
-  });
-  await new Promise((done) => requestAnimationFrame(() => done()));
-  return performance.now() - started;
-}"""
-
-# Clicks the element (selector, index among its matches), or picks a value of a <select> (value
-# given), and times it until `dataset.renders` of the element with id `panel` grows and a frame is
-# painted.
-UNTIL_DRAWN = """async ([selector, index, value, panel]) => {
+# Acts on the element (selector, index among its matches) as a user does: a click, or a new value
+# and its event ("input" for a slider, "change" for a <select>); then resolves, once the element
+# with id `panel` has redrawn (its dataset.renders grew) and the next frame is painted, to the
+# milliseconds that took.
+UNTIL_DRAWN = """async ([selector, index, value, event, panel]) => {
   const node = document.getElementById(panel);
   const before = Number(node.dataset.renders || 0);
   const target = document.querySelectorAll(selector)[index];
   const started = performance.now();
   if (value === null) target.click();
   else {
-    target.value = value;
-    target.dispatchEvent(new Event("change", { bubbles: true }));
+    target.value = String(value);
+    target.dispatchEvent(new Event(event, { bubbles: true }));
   }
   await new Promise((done) => {
     const check = () => (Number(node.dataset.renders) > before ? done() : requestAnimationFrame(check));
@@ -159,14 +143,15 @@ def main() -> None:
             page.fill('input[name="max_tokens"]', "8")
             page.click("#generate")
             page.wait_for_function("document.getElementById('stats').textContent.includes('finished')")
-            first_open = page.evaluate(UNTIL_DRAWN, ["#output .gen-token", 2, None, "stages-table"])
+            first_open = page.evaluate(UNTIL_DRAWN, ["#output .gen-token", 2, None, None, "stages-table"])
             page.check('#stage-controls input[name="do_sample"]')
             page.wait_for_function("Number(document.getElementById('stages-table').dataset.renders) >= 2")
             names = list(SLIDER_VALUES)
             moves = []
             for i in range(args.moves + len(names)):  # the first round warms up
                 name = names[i % len(names)]
-                took = page.evaluate(SLIDER_MOVE, [name, SLIDER_VALUES[name][(i // len(names)) % 4]])
+                slider = f'#stage-controls input[name="{name}"]'
+                took = page.evaluate(UNTIL_DRAWN, [slider, 0, SLIDER_VALUES[name][(i // len(names)) % 4], "input", "stages-table"])
                 if i >= len(names):
                     moves.append(took)
             step = int(page.get_attribute("#output .gen-token >> nth=2", "data-step"))
@@ -176,8 +161,8 @@ def main() -> None:
             shown, layers = [], []
             for i in range(args.attention_repeats):
                 page.evaluate("() => { document.getElementById('attention-layer').value = '0'; }")
-                shown.append(page.evaluate(UNTIL_DRAWN, ["#attention-run", 0, None, "attention-panel"]))
-                layers.append(page.evaluate(UNTIL_DRAWN, ["#attention-layer", 0, str(1 + i), "attention-panel"]))
+                shown.append(page.evaluate(UNTIL_DRAWN, ["#attention-run", 0, None, None, "attention-panel"]))
+                layers.append(page.evaluate(UNTIL_DRAWN, ["#attention-layer", 0, str(1 + i), "change", "attention-panel"]))
             stats = page.text_content("#attention-stats")
             browser.close()
         record = httpx.post(f"{url}/v1/completions", json={"model": args.model, "prompt": PROMPT, "max_tokens": 8,
