@@ -358,6 +358,12 @@ def test_attention_of_a_decoder_and_of_an_encoder_decoder(page, site, tiny):
     expected = tiny.attention_maps([ids])[0, 0].mean(0)  # layer 0, heads averaged: (queries, keys)
     assert shown == pytest.approx(float(expected[3, 1]), abs=2e-4)
 
+    page.fill("#attention-text", "hello world " * 300)  # beyond the route's limit: its 413 message is shown
+    page.click("#attention-run")
+    page.wait_for_selector("#error:not([hidden])")
+    too_long = site.post("/v1/inspect/attention", {"model": "tiny", "text": "hello world " * 300})
+    assert too_long.status_code == 413 and page.text_content("#error-text") == too_long.json()["error"]["message"]
+
     page.select_option("#model", "t5")
     assert page.is_visible("#attention-target")
     page.fill("#attention-text", "the house is big")

@@ -10,7 +10,6 @@ import { on, selectedModel, state } from "./state.js";
 
 const KIND_TITLES = { self: "self-attention", encoder: "encoder self-attention", decoder: "decoder self-attention (masked)", cross: "cross-attention (decoder reads encoder)" };
 const MASKED = "#eceff3"; // a query cannot see this key (causal mask): not a weight
-const THUMB = 84;
 
 let response = null;
 let fromGeneration = null; // {ids, promptLength} when the text is the last generation
@@ -117,11 +116,14 @@ function drawThumbnails() {
   const causal = current().causal;
   const maps = [["average", kind.average], ...kind.heads.map((w, i) => [String(i), w])];
   const selected = $("attention-head").value;
+  // One row of thumbnails when the width allows: 56 to 84 px each.
+  const room = Math.floor(($("attention-grid").clientWidth - 8 * (maps.length - 1)) / maps.length) - 10;
+  const size = Math.max(56, Math.min(84, room));
   const nodes = maps.map(([name, weights]) => {
     const canvas = h("canvas", { class: "thumb", "aria-hidden": "true" });
-    const context = sizeCanvas(canvas, THUMB, THUMB);
+    const context = sizeCanvas(canvas, size, size);
     context.imageSmoothingEnabled = false;
-    context.drawImage(image(weights, causal, maxOf(weights, causal)), 0, 0, THUMB, THUMB);
+    context.drawImage(image(weights, causal, maxOf(weights, causal)), 0, 0, size, size);
     const button = h("button", { type: "button", class: `thumb-button${name === selected ? " selected" : ""}`, dataset: { head: name }, "aria-pressed": String(name === selected) }, canvas, h("span", {}, name === "average" ? "average" : `head ${name}`));
     button.addEventListener("click", () => {
       $("attention-head").value = name;
@@ -266,9 +268,16 @@ function useLastGeneration() {
     reportError(new Error("Generate something first: its prompt and output will be shown here."));
     return;
   }
-  const ids = [...record.promptIds, ...record.tokens.map((t) => t.id)];
-  fromGeneration = { ids, promptLength: record.promptIds.length };
-  $("attention-text").value = record.mode === "chat" ? `(the chat prompt and its reply: ${ids.length} tokens)` : record.promptText + record.text;
+  if (record.model !== state.model) {
+    // Another tokenizer: its ids mean nothing here, so the text goes in as text.
+    const prompt = record.mode === "chat" ? JSON.parse(record.promptText).at(-1).content : record.promptText;
+    fromGeneration = null;
+    $("attention-text").value = `${prompt}${record.mode === "chat" ? "\n" : ""}${record.text}`;
+  } else {
+    const ids = [...record.promptIds, ...record.tokens.map((t) => t.id)];
+    fromGeneration = { ids, promptLength: record.promptIds.length };
+    $("attention-text").value = record.mode === "chat" ? `(the chat prompt and its reply: ${ids.length} tokens)` : record.promptText + record.text;
+  }
   load(0);
 }
 

@@ -169,14 +169,14 @@ function absorb(record, chunk, choice, text) {
   return group;
 }
 
+// Counts and speed; a branch counts its kept tokens as generated, but only this run's in tokens/s.
 function showStats(record, timing, done) {
-  const prompt = record.usage ? record.usage.prompt_tokens : record.promptIds ? record.promptIds.length : null;
-  const generated = record.tokens.length;
+  const prompt = record.promptIds ? record.promptIds.length : record.usage ? record.usage.prompt_tokens : null;
   const parts = [];
   if (prompt !== null) parts.push(`${prompt} prompt tokens`);
-  parts.push(`${generated} generated`);
+  parts.push(`${record.tokens.length} generated`);
   if (timing.first !== null) parts.push(`first token ${Math.round(timing.first - timing.start)} ms`);
-  if (generated > 1 && timing.last > timing.first) parts.push(`${((generated - 1) / ((timing.last - timing.first) / 1000)).toFixed(1)} tokens/s`);
+  if (timing.tokens > 1 && timing.last > timing.first) parts.push(`${((timing.tokens - 1) / ((timing.last - timing.first) / 1000)).toFixed(1)} tokens/s`);
   if (done) parts.push(done);
   $("stats").textContent = parts.join(" · ");
 }
@@ -187,7 +187,7 @@ async function run(path, body, record, container) {
   running = { controller, record };
   setRunning(true);
   clearError();
-  const timing = { start: performance.now(), first: null, last: null };
+  const timing = { start: performance.now(), first: null, last: null, tokens: 0 };
   $("stats").textContent = "waiting for the first token…";
   let outcome = "";
   try {
@@ -201,6 +201,7 @@ async function run(path, body, record, container) {
           const before = { tokens: record.tokens.length, groups: record.groups.length };
           const group = absorb(record, chunk, choice, text);
           if (record.tokens.length > before.tokens) {
+            timing.tokens += record.tokens.length - before.tokens;
             timing.last = performance.now();
             if (timing.first === null) timing.first = timing.last;
           }
