@@ -41,7 +41,7 @@ async function place() {
 function describe() {
   const variance = result.explained_variance.map((v, i) => `PC${i + 1} ${(v * 100).toFixed(0)}%`).join(", ");
   $("embed-source").textContent = `${result.model}: ${result.source}. The axes are the ${result.dims} principal components, which keep ${variance} of the variance.`;
-  $("embed-help").textContent = result.dims === 3 ? "Drag (or the arrow keys) to rotate, scroll (or + and -) to zoom. Click two points to compare them." : "Scroll (or + and -) to zoom. Click two points to compare them.";
+  $("embed-help").textContent = result.dims === 3 ? "Drag (or the arrow keys) to rotate, scroll (or + and -) to zoom. Click two points to compare them (purple); smaller, paler points are farther away." : "Scroll (or + and -) to zoom. Click two points to compare them (purple).";
 }
 
 // --- the projection ---------------------------------------------------------------------------

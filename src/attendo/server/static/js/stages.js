@@ -223,8 +223,9 @@ function summarize(response, settings) {
   $("stages-summary").replaceChildren(...parts);
 }
 
+// The row the user picked to continue from (null: none, or the token taken itself).
 function pick(row, chosen) {
-  alternative = chosen ? null : { id: row.id, token: row.token, p: row.p[0] };
+  alternative = !row || chosen ? null : { id: row.id, token: row.token, p: row.p[0] };
   for (const line of $("stages-table").querySelectorAll(".st-row[data-id]")) line.classList.toggle("picked", alternative !== null && Number(line.dataset.id) === alternative.id);
   const button = $("branch");
   button.disabled = alternative === null;
@@ -257,8 +258,7 @@ function drawSteps() {
 function showStep(step) {
   if (!shownRecord || step === null) return;
   state.step = step;
-  alternative = null;
-  pick({}, true);
+  pick(null, false);
   $("stages-empty").hidden = true;
   $("stages-body").hidden = false;
   drawSteps();
