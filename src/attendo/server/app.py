@@ -20,12 +20,14 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,6 +56,7 @@ from attendo.server.structured import conversation, plan_chat
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the window
 JSON_TYPES = ("application/json",)
+PLAYGROUND = Path(__file__).parent / "static"  # the web playground: plain HTML, CSS and JavaScript modules
 
 
 # --- reading requests -------------------------------------------------------------------------
@@ -531,6 +534,9 @@ def create_app(
 
     app.include_router(inspection)
     app.add_api_route("/health", health, methods=["GET"])
+    # The playground page (public like /health: it asks for the API key itself).
+    app.add_api_route("/", lambda: FileResponse(PLAYGROUND / "index.html"), methods=["GET"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=PLAYGROUND), name="static")
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
