@@ -340,7 +340,7 @@ async def chat_completions(request: Request) -> Response:
     def logprobs(entries: list[TokenLogprob]) -> dict | None:
         return openai.chat_logprobs(entries) if body.logprobs else None
 
-    token_ids = openai.TokenIdFields(served.model.tokenizer, [prompt], body.return_token_ids)
+    token_ids = openai.TokenIdFields(served.model.tokenizer, [plan.prompt], body.return_token_ids)
 
     if not body.stream:
         try:
