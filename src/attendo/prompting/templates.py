@@ -29,7 +29,6 @@ context window, saying how many examples would fit; nothing is ever cut off sile
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ import jinja2
 from jinja2 import meta
 from jinja2.exceptions import SecurityError
 
+from attendo.datafiles import read_jsonl
 from attendo.errors import AttendoError, ContextLengthError, InvalidSettingError, UnsupportedModelError
 from attendo.model import DEFAULT_MAX_NEW_TOKENS
 from attendo.tokenizer import template_environment
@@ -63,21 +63,9 @@ class Example:
 def read_examples(path: str | Path) -> list[Example]:
     """Examples from a JSONL file: one {"input": str, "output": str} object per non-blank line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PromptTemplateError(f"cannot read examples file {path}: {e}") from None
     examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, record in read_jsonl(path, PromptTemplateError, expected='an object {"input": ..., "output": ...}'):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptTemplateError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise PromptTemplateError(f'{where}: expected an object {{"input": ..., "output": ...}}')
         for key in (INPUT, "output"):
             if not isinstance(record.get(key), str):
                 problem = "is missing" if key not in record else "must be a string"

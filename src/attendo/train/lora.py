@@ -55,6 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from attendo import optimize
+from attendo.datafiles import read_json
 from attendo.errors import AdapterError, CheckpointError
 from attendo.model import Model
 from attendo.weights.names import CheckpointNames, Rule, only, rule_for
@@ -301,10 +302,7 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
         raise AdapterError(f"{directory}: no such adapter directory")
     if not path.exists():
         raise AdapterError(f"{directory}: no {CONFIG_FILE} (not a PEFT adapter directory)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path, AdapterError)
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
