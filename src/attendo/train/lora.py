@@ -41,7 +41,6 @@ merge_lora refuses there: load the base with dtype="float32" to merge.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -51,13 +50,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from attendo import optimize
 from attendo.datafiles import read_json
 from attendo.errors import AdapterError, CheckpointError
 from attendo.model import Model
+from attendo.train.export import write_json, write_safetensors
 from attendo.weights.names import CheckpointNames, Rule, only, rule_for
 from attendo.weights.safetensors_dir import PICKLE_SUFFIXES, read_safetensors_header, refuse_pickle
 
@@ -227,8 +227,9 @@ def save_adapter(model: Model, out_dir: str | Path, base_model: str | None = Non
         raise AdapterError("the model has no LoRA adapter to save (add_lora or load_adapter first)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(_adapter_config(model, parts, base_model), indent=2) + "\n")
+    # Each file replaced whole: training saves the adapter again at every checkpoint.
+    write_safetensors(out / WEIGHTS_FILE, adapter_state(model), metadata={"format": "pt"})
+    write_json(out / CONFIG_FILE, _adapter_config(model, parts, base_model))
     return out
 
 

@@ -111,7 +111,7 @@ def _tokenizer(out: Path, texts: list[str], vocab_size: int, source: str | None,
         else:
             made = train_bpe(texts, vocab_size)
         out.mkdir(parents=True, exist_ok=True)
-        made.backend.save(str(path))
+        export.write_tokenizer(path, made)
         export.write_json(settings_path, export.tokenizer_files(made))
     distributed.barrier(processes)
     if not path.exists():
