@@ -45,9 +45,9 @@ def cmd_distribution(args: argparse.Namespace) -> None:
     out = _png(args.out) if args.out else None
     model = load_model(args)
     prompt = read_prompt(args)
-    if args.chat:
-        prompt = model.chat_prompt([{"role": "user", "content": prompt}])
-    report = model.sampling_stages(prompt, top=args.top, **generation_settings(args, model))
+    # A chat prompt as token ids: text the user typed stays text (see TextTokenizer.encode_chat).
+    context = model.encode_chat([{"role": "user", "content": prompt}]) if args.chat else prompt
+    report = model.sampling_stages(context, top=args.top, **generation_settings(args, model))
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
         return
