@@ -68,11 +68,14 @@ PEFT_PREFIX = "base_model.model."
 _TENSOR_NAME = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<part>[AB])\.weight$")
 TASK_TYPES = {"decoder": "CAUSAL_LM", "encoder-decoder": "SEQ_2_SEQ_LM", "encoder": "FEATURE_EXTRACTION"}
 ALL_LINEAR = "all-linear"
-# PEFT's own default targets per checkpoint naming: the attention's query and value projections.
+# PEFT's own default targets per checkpoint naming: the attention's query and value projections
+# (PEFT has none for phi3, whose q/k/v is one fused qkv_proj: name the targets).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"),
     "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"),
     "gpt2": ("c_attn",),
     "bloom": ("query_key_value",),
     "t5": ("q", "v"),
