@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import describe, machine
 
 # (engine, precision, compiled)
 VARIANTS: dict[str, tuple[str, str, bool]] = {
@@ -139,7 +139,6 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def measure(threads: int, repeats: int, steps: int, warmup: int, variants: list[str]) -> dict[str, Any]:
-    from attendo.bench.run import _cpu_name
 
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for _ in range(repeats):
@@ -163,10 +162,7 @@ def measure(threads: int, repeats: int, steps: int, warmup: int, variants: list[
             ratios[f"{name} / {peer}"] = speed[name] / speed[peer]
     return {
         "when": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {
-            "cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "flags": sorted(k for k, v in capabilities.items() if v is True and k.startswith(("avx", "amx"))),
-        },
+        "machine": {**machine(), "torch": torch.__version__},
         "workload": {"batch": BATCH, "seq_len": SEQ_LEN, "vocab": VOCAB, "threads": threads, "steps": steps, "warmup": warmup},
         "repeats": repeats,
         "results": results,
@@ -180,8 +176,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"training speed, llama-mini, batch {w['batch']} x {w['seq_len']} tokens, {w['threads']} threads, "
         f"{w['steps']} timed steps after {w['warmup']}, median (min-max) of {report['repeats']} runs",
-        f"{report['machine']['cpu']}, {report['machine']['cores']} cores, torch {report['machine']['torch']}; "
-        f"flags {' '.join(report['machine']['flags'])}",
+        f"{describe(report['machine'])}; torch {report['machine']['torch']}",
         f"{'variant':<24}{'tokens/s':>28}{'peak MB':>12}",
     ]
     for name, result in report["results"].items():
