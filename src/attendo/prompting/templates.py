@@ -220,20 +220,32 @@ def render_prompt(
     if chat and not has_template:
         raise UnsupportedModelError(f"{model.source.name} has no chat template: render the prompt as text")
     chat = has_template if chat is None else chat
-    new_tokens = new_token_budget(model, max_new_tokens)
-    prompt = layout_prompt(model, template, variables, examples, input, chat)
+    return fitted_prompt(
+        lambda k: layout_prompt(model, template, variables, examples[:k], input, chat),
+        len(examples), new_token_budget(model, max_new_tokens), "examples", "--shots",
+    )  # fmt: skip
+
+
+def fitted_prompt(
+    layout: Callable[[int], RenderedPrompt], count: int, new_tokens: int, items: str, flag: str, least: int = 0
+) -> RenderedPrompt:
+    """layout(count), the prompt with all `count` of its items (few-shot examples, retrieved
+    passages), when it fits the context window beside new_tokens; else a ContextLengthError that
+    says how many of them would fit (and the flag that asks for that many, at least `least`)."""
+    prompt = layout(count)
     room = prompt.window - new_tokens
     if prompt.token_count <= room:
         return prompt
-    fitting = largest_fitting(
-        len(examples), lambda k: layout_prompt(model, template, variables, examples[:k], input, chat).token_count <= room
-    )
+    fitting = largest_fitting(count, lambda k: layout(k).token_count <= room)
+    shorten = "shorten the template or the input, or ask for fewer new tokens"
     if fitting is None:
-        advice = "even with no examples it does not fit: shorten the template or the input, or ask for fewer new tokens"
+        advice = f"even with no {items} it does not fit: {shorten}"
+    elif fitting < least:
+        advice = f"not even {least} of the {items} fits: {shorten}"
     else:
-        advice = f"at most {fitting} of the examples fit (--shots {fitting})"
+        advice = f"at most {fitting} of the {items} fit ({flag} {fitting})"
     raise ContextLengthError(
-        f"the prompt with {len(examples)} examples is {prompt.token_count} tokens; with {new_tokens} new tokens "
+        f"the prompt with {count} {items} is {prompt.token_count} tokens; with {new_tokens} new tokens "
         f"it needs {prompt.token_count + new_tokens} of the model's context window of {prompt.window}: {advice}"
     )
 
