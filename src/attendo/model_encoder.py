@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from attendo.errors import InvalidSettingError, UnsupportedModelError
+from attendo.layers.attention import LayerRecord, Recorded
 from attendo.layers.pooling import Pooling, pool
 from attendo.model import Model, _as_batch
 from attendo.models.encoder import EncoderLM
@@ -124,10 +126,12 @@ class EncoderModel(Model):
         return self.network.hidden_states(_as_batch(token_ids)).float()
 
     @torch.inference_mode()
-    def attention_maps(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
-        """Attention weights (layers, batch, heads, query positions, key positions)."""
-        record: list[torch.Tensor] = []
-        self.network.hidden_states(_as_batch(token_ids), record=record)
+    def attention_maps(self, token_ids: torch.Tensor | list[list[int]], layer: int | None = None) -> torch.Tensor:
+        """Attention weights (layers, batch, heads, query positions, key positions); with
+        `layer`, that layer's only (the first axis is 1), and the layers above it are not run."""
+        record = LayerRecord(layer, end_pass=True)
+        with contextlib.suppress(Recorded):
+            self.network.hidden_states(_as_batch(token_ids), record=record)
         return torch.stack(record)
 
     def _encode_text(self, text: str, max_length: int) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -10,6 +11,7 @@ from attendo.errors import CheckpointError
 from attendo.generation.beam import BeamSettings, ForcedTokens
 from attendo.generation.loop import Event, GenerationResult, Request
 from attendo.generation.seq2seq import seq2seq_beam_search, seq2seq_events
+from attendo.layers.attention import LayerRecord, Recorded
 from attendo.model import Model, _as_batch
 from attendo.models.encoder_decoder import EncoderDecoderLM
 
@@ -53,23 +55,31 @@ class Seq2SeqModel(Model):
         tokens = _as_batch(token_ids)
         return self.network(tokens, self._decoder_tokens(decoder_token_ids, tokens.shape[0])).float()
 
+    def next_token_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Float logits (vocabulary,) of the decoder's first token for the input token_ids."""
+        return self.logits([token_ids])[0, -1]
+
     @torch.inference_mode()
     def attention_maps(
         self,
         token_ids: torch.Tensor | list[list[int]],
         decoder_token_ids: torch.Tensor | list[list[int]] | None = None,
+        layer: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Attention weights per layer from the explicit path, (layers, batch, heads, queries, keys):
         "encoder" (input over input), "decoder" (output over output so far) and "cross"
-        (output over input)."""
+        (output over input); with `layer`, that layer's only of each (the first axis is 1), and
+        only the kinds whose stack has that layer (the encoder and decoder may differ in depth)."""
         tokens = _as_batch(token_ids)
-        encoder: list[torch.Tensor] = []
-        decoder: list[torch.Tensor] = []
-        cross: list[torch.Tensor] = []
+        # The decoder reads the whole encoder output, so only the decoder can stop early: after
+        # its layer's cross-attention, which comes after that layer's self-attention.
+        encoder, decoder, cross = LayerRecord(layer), LayerRecord(layer), LayerRecord(layer, end_pass=True)
         memory = self.network.encode(tokens, record=encoder)
         memory.record = cross
-        self.network.decode(self._decoder_tokens(decoder_token_ids, tokens.shape[0]), memory, record=decoder)
-        return {"encoder": torch.stack(encoder), "decoder": torch.stack(decoder), "cross": torch.stack(cross)}
+        with contextlib.suppress(Recorded):
+            self.network.decode(self._decoder_tokens(decoder_token_ids, tokens.shape[0]), memory, record=decoder)
+        recorded = {"encoder": encoder, "decoder": decoder, "cross": cross}
+        return {kind: torch.stack(weights) for kind, weights in recorded.items() if weights}
 
     def _complete(self, requests: list[Request], search: BeamSettings) -> list[GenerationResult]:
         if search.num_beams > 1:

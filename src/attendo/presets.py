@@ -75,6 +75,15 @@ _DECLARED: dict[str, dict[str, Any]] = {
         sublayer_norms=True, qk_norm=True, activation="gelu_tanh", attention_scale=256**-0.5,
         embedding_scale=640**0.5, tie_embeddings=True, bos_token_id=2, eos_token_ids=(1,), pad_token_id=0,
     ),
+
+    # Small enough to pretrain from scratch on a CPU in minutes (`attendo train`): about 4M
+    # parameters with a 4096-token vocabulary, most of them in the embedding table.
+    "llama-mini": dict(
+        family="decoder", vocab_size=4096, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=688,
+        context_length=256, tie_embeddings=True,
+    ),
+    "gpt2-mini": {**_GPT2, "vocab_size": 4096, "dim": 256, "n_layers": 4, "n_heads": 4, "ffn_dim": 1024,
+                  "context_length": 256, "bos_token_id": None, "eos_token_ids": ()},
     "bloom-560m": dict(
         family="decoder", vocab_size=250880, dim=1024, n_layers=24, n_heads=16, ffn_dim=4096, context_length=2048,
         positions="alibi", norm="layernorm", embedding_norm=True, mlp_gated=False, activation="gelu_tanh",

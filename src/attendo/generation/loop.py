@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -21,6 +21,9 @@ from attendo.generation.sampler import SamplingSettings, make_generator, next_to
 from attendo.generation.text import TextStream
 from attendo.models.decoder import DecoderLM
 from attendo.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from attendo.prompting.grammar import Grammar, GrammarState
 
 FinishReason = Literal["stop", "length"]
 
@@ -32,6 +35,7 @@ class Request:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; n: the chosen token's logprob and the top n alternatives
+    grammar: Grammar | None = None  # structured output: what the generated text must match
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,10 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    grammar: GrammarState | None = field(init=False)  # this sequence's own place in its grammar
+
+    def __post_init__(self) -> None:
+        self.grammar = self.request.grammar.start() if self.request.grammar is not None else None
 
     @property
     def finished(self) -> bool:
@@ -233,18 +241,24 @@ def accept_token(
 
     scores (vocab,) are what the sampler chooses from (the logits, or the logits with banned
     tokens removed); log-probabilities are reported from the model's own logits. context is what
-    precedes the generated tokens for the history-dependent penalties.
+    precedes the generated tokens for the history-dependent penalties. A sequence with a grammar
+    chooses among the tokens its grammar allows, and ends when the grammar admits nothing more.
     """
-    request, settings = sequence.request, sequence.request.settings
+    request, settings, grammar = sequence.request, sequence.request.settings, sequence.grammar
     history = None
     if settings.repetition_penalty != 1.0 or settings.presence_penalty or settings.frequency_penalty:
         history = torch.tensor(context + sequence.generated)
-    token = int(next_token(scores, settings, history, sequence.generator))
+    allowed = grammar.allowed() if grammar is not None else None
+    token = int(next_token(scores, settings, history, sequence.generator, allowed))
     if request.logprobs is not None:
         sequence.logprobs.append(token_logprob(logits, token, request.logprobs, tokenizer))
     sequence.generated.append(token)
+    if token not in eos_ids and grammar is not None:
+        grammar.advance(token)
     if token in eos_ids:
         text, sequence.finish_reason = sequence.stream.flush(), "stop"
+    elif grammar is not None and grammar.finished:
+        text, sequence.finish_reason = sequence.stream.push(token) + sequence.stream.flush(), "stop"
     else:
         text = sequence.stream.push(token)
         if sequence.stream.stopped:

@@ -65,6 +65,32 @@ class AttentionContext:
     sliding_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+class Recorded(Exception):
+    """Raised by a LayerRecord that ends the pass: every weight asked for is in hand."""
+
+
+class LayerRecord(list):
+    """A record (see AttentionContext.record) that keeps the weights of one layer only, so that
+    looking at one layer of a long text holds one layer's weights, not every layer's. Each stack
+    appends once per layer, in order; `layer` None keeps them all.
+
+    With `end_pass`, recording that layer raises Recorded: the layers above it cannot change its
+    weights, so the caller catches it instead of running them (layer 0 of 30 costs one layer)."""
+
+    def __init__(self, layer: int | None = None, end_pass: bool = False) -> None:
+        super().__init__()
+        self.layer = layer
+        self.end_pass = end_pass and layer is not None
+        self.seen = 0
+
+    def append(self, weights: torch.Tensor) -> None:
+        if self.layer is None or self.seen == self.layer:
+            super().append(weights)
+        self.seen += 1
+        if self.end_pass and self.seen > self.layer:
+            raise Recorded
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

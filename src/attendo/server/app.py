@@ -20,12 +20,14 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,8 +35,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from attendo.errors import AttendoError, ContextLengthError, UnsupportedModelError
 from attendo.generation.loop import Request as GenerationRequest
 from attendo.generation.loop import TokenLogprob, check_request
+from attendo.inspect.tokens import readable_tokens
 from attendo.model import Model
+from attendo.prompting.grammar import Grammar
 from attendo.server import responses as openai
+from attendo.server import retrieval_routes
 from attendo.server.errors import APIError, bad_request, queue_full, unavailable
 from attendo.server.scheduler import Delta, QueueFull, Scheduler, ShuttingDown, Ticket
 from attendo.server.schemas import (
@@ -47,9 +52,11 @@ from attendo.server.schemas import (
     parse,
 )
 from attendo.server.served import Served, ServedModels, ServerSettings
+from attendo.server.structured import conversation, plan_chat
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the window
 JSON_TYPES = ("application/json",)
+PLAYGROUND = Path(__file__).parent / "static"  # the web playground: plain HTML, CSS and JavaScript modules
 
 
 # --- reading requests -------------------------------------------------------------------------
@@ -91,7 +98,8 @@ async def check_api_key(request: Request) -> None:
 
 
 def generation_requests(
-    served: Served, body: GenerationBody, prompts: list[list[int]], logprobs: int | None, default_max: int | None, param: str
+    served: Served, body: GenerationBody, prompts: list[list[int]], logprobs: int | None, default_max: int | None, param: str,
+    grammar: Grammar | None = None,
 ) -> list[GenerationRequest]:
     """n requests per prompt (choice index = prompt * n + choice), each with its own seed."""
     model = served.model
@@ -123,7 +131,7 @@ def generation_requests(
                 code="context_length_exceeded",
             )
         for sampling in settings:
-            request = GenerationRequest(ids, sampling, max_tokens, tuple(body.stop or ()), logprobs)
+            request = GenerationRequest(ids, sampling, max_tokens, tuple(body.stop or ()), logprobs, grammar)
             try:  # the generation loop's own checks, as the last word
                 check_request(request, served.window, vocab)
             except ContextLengthError as e:
@@ -145,6 +153,7 @@ class ClientGone(Exception):
 class Choice:
     text: list[str] = field(default_factory=list)
     tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -174,6 +183,8 @@ class Flight:
             choice = choices[delta.index]
             choice.text.append(delta.text)
             choice.tokens += delta.token_id >= 0
+            if delta.token_id >= 0:
+                choice.token_ids.append(delta.token_id)
             if delta.logprob is not None:
                 choice.logprobs.append(delta.logprob)
             if delta.finish_reason is not None:
@@ -262,6 +273,8 @@ async def completions(request: Request) -> Response:
     def logprobs(entries: list[TokenLogprob], offset: int) -> dict | None:
         return openai.completion_logprobs(entries, offset) if body.logprobs is not None else None
 
+    token_ids = openai.TokenIdFields(served.model.tokenizer, prompts, body.return_token_ids)
+
     if not body.stream:
         try:
             choices = await flight.collect()
@@ -271,16 +284,17 @@ async def completions(request: Request) -> Response:
             flight.close()
         result = [
             openai.completion_choice(i, echoes[i] + "".join(c.text), logprobs(c.logprobs, len(echoes[i])), c.finish_reason)
+            | token_ids.of(c.token_ids)
             for i, c in enumerate(choices)
         ]
         usage = openai.usage(prompt_tokens, sum(c.tokens for c in choices))
-        return JSONResponse(openai.completion(id, created, body.model, result) | {"usage": usage})
+        return JSONResponse(openai.completion(id, created, body.model, result) | {"usage": usage} | token_ids.prompt_once())
 
     usage_field = {"usage": None} if body.include_usage else {}
 
     def chunk(index: int, text: str, lp: dict | None, finish_reason: str | None) -> str:
-        choice = openai.completion_choice(index, text, lp, finish_reason)
-        return openai.sse(openai.completion(id, created, body.model, [choice]) | usage_field)
+        choice = openai.completion_choice(index, text, lp, finish_reason) | token_ids.choice(index)
+        return openai.sse(openai.completion(id, created, body.model, [choice]) | usage_field | token_ids.prompt_once())
 
     async def events() -> AsyncIterator[str]:
         generated = 0
@@ -292,6 +306,7 @@ async def completions(request: Request) -> Response:
                     yield chunk(index, echo, None, None)
             async for delta in flight.deltas():
                 generated += delta.token_id >= 0
+                token_ids.add(delta.index, delta.token_id)
                 if delta.logprob is not None:
                     pending[delta.index].append(delta.logprob)
                 if delta.text or delta.finish_reason:
@@ -317,16 +332,15 @@ async def chat_completions(request: Request) -> Response:
     models = _models(request)
     body = parse(ChatBody, await read_json(request, models.settings.max_body_bytes))
     served = models.generator(body.model)
-    try:
-        prompt = served.prompts.chat([m.as_dict() for m in body.messages])
-    except AttendoError as e:  # no chat template, or the template refused the conversation
-        raise bad_request(str(e), param="messages") from None
-    requests = generation_requests(served, body, [prompt], body.logprobs_count, None, "messages")
+    plan = plan_chat(served, body)  # the prompt, and the grammar of a structured reply or tool calls
+    requests = generation_requests(served, body, [plan.prompt], body.logprobs_count, None, "messages", plan.grammar)
     flight = start(request, served, requests)
-    id, created, prompt_tokens = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), len(prompt)
+    id, created, prompt_tokens = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), len(plan.prompt)
 
     def logprobs(entries: list[TokenLogprob]) -> dict | None:
         return openai.chat_logprobs(entries) if body.logprobs else None
+
+    token_ids = openai.TokenIdFields(served.model.tokenizer, [plan.prompt], body.return_token_ids)
 
     if not body.stream:
         try:
@@ -335,17 +349,19 @@ async def chat_completions(request: Request) -> Response:
             return Response(status_code=499)
         finally:
             flight.close()
+        replies = [plan.message("".join(c.text), c.finish_reason or "stop") for c in choices]
         result = [
-            openai.chat_choice(i, "".join(c.text), logprobs(c.logprobs), c.finish_reason) for i, c in enumerate(choices)
+            openai.chat_choice(i, m, logprobs(c.logprobs), f) | token_ids.of(c.token_ids)
+            for i, (c, (m, f)) in enumerate(zip(choices, replies))
         ]
         usage = openai.usage(prompt_tokens, sum(c.tokens for c in choices))
-        return JSONResponse(openai.chat_completion(id, created, body.model, result) | {"usage": usage})
+        return JSONResponse(openai.chat_completion(id, created, body.model, result) | {"usage": usage} | token_ids.prompt_once())
 
     usage_field = {"usage": None} if body.include_usage else {}
 
     def chunk(index: int, delta: dict, lp: dict | None, finish_reason: str | None) -> str:
-        choice = openai.chat_chunk_choice(index, delta, lp, finish_reason)
-        return openai.sse(openai.chat_chunk(id, created, body.model, [choice]) | usage_field)
+        choice = openai.chat_chunk_choice(index, delta, lp, finish_reason) | token_ids.choice(index)
+        return openai.sse(openai.chat_chunk(id, created, body.model, [choice]) | usage_field | token_ids.prompt_once())
 
     async def events() -> AsyncIterator[str]:
         generated = 0
@@ -355,12 +371,16 @@ async def chat_completions(request: Request) -> Response:
                 yield chunk(index, {"role": "assistant", "content": ""}, None, None)
             async for delta in flight.deltas():
                 generated += delta.token_id >= 0
+                token_ids.add(delta.index, delta.token_id)
                 if delta.logprob is not None:
                     pending[delta.index].append(delta.logprob)
-                if delta.text:
-                    yield chunk(delta.index, {"content": delta.text}, logprobs(pending.pop(delta.index, [])), None)
+                for piece in plan.deltas(delta.index, delta.text):
+                    yield chunk(delta.index, piece, logprobs(pending.pop(delta.index, [])), None)
                 if delta.finish_reason:
-                    yield chunk(delta.index, {}, logprobs(pending.pop(delta.index, [])), delta.finish_reason)
+                    last, finish_reason = plan.finish(delta.index, delta.finish_reason)
+                    for piece in last:
+                        yield chunk(delta.index, piece, logprobs(pending.pop(delta.index, [])), None)
+                    yield chunk(delta.index, {}, logprobs(pending.pop(delta.index, [])), finish_reason)
             if body.include_usage:
                 usage = openai.usage(prompt_tokens, generated)
                 yield openai.sse(openai.chat_chunk(id, created, body.model, []) | {"usage": usage})
@@ -413,14 +433,17 @@ async def tokenize(request: Request) -> dict[str, Any]:
     tokenizer = served.model.tokenizer
     try:
         if body.messages is not None:
-            ids = served.prompts.chat([m.as_dict() for m in body.messages])
+            messages, variables = conversation(served, body.messages, body.tools)
+            ids = served.prompts.chat(messages, **variables)
         else:
             ids = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
     except AttendoError as e:
         raise bad_request(str(e), param="messages") from None
     result: dict[str, Any] = {"count": len(ids), "max_model_len": served.window, "tokens": ids}
+    if body.messages is not None:  # what the model reads, tools and all
+        result["prompt"] = tokenizer.decode(ids, skip_special_tokens=False)
     if body.return_token_strs:
-        result["token_strs"] = [tokenizer.token_text(i) for i in ids]
+        result["token_strs"] = readable_tokens(tokenizer, ids)
     return result
 
 
@@ -457,7 +480,8 @@ async def health(request: Request) -> JSONResponse:
 # --- the app ----------------------------------------------------------------------------------
 
 ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize",
-          "/health", "/metrics"}  # fmt: skip
+          "/health", "/metrics", "/v1/retrieve", "/v1/inspect/stages", "/v1/inspect/attention",
+          "/v1/inspect/embeddings", "/v1/inspect/model"}  # fmt: skip
 
 
 class CountRequests:
@@ -505,7 +529,14 @@ def create_app(
     app = FastAPI(title="attendo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models = served
     app.include_router(router)
+    app.include_router(retrieval_routes.router, dependencies=[Depends(check_api_key)])
+    from attendo.server.inspect_routes import router as inspection  # it imports this module's helpers
+
+    app.include_router(inspection)
     app.add_api_route("/health", health, methods=["GET"])
+    # The playground page (public like /health: it asks for the API key itself).
+    app.add_api_route("/", lambda: FileResponse(PLAYGROUND / "index.html"), methods=["GET"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=PLAYGROUND), name="static")
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:

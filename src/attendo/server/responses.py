@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 from attendo.generation.loop import TokenLogprob
+from attendo.inspect.tokens import readable_tokens
+from attendo.tokenizer import TextTokenizer
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -Infinity: a token with zero probability reports this
 
@@ -27,6 +29,47 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def _lp(value: float) -> float:
     return max(value, LOGPROB_FLOOR)
+
+
+# --- token ids (attendo's return_token_ids) -----------------------------------------------------
+
+
+def token_fields(tokenizer: TextTokenizer, ids: list[int]) -> dict[str, Any]:
+    """The generated tokens of a choice: ids and readable strings (byte pieces as <0xF0>)."""
+    return {"token_ids": ids, "tokens": readable_tokens(tokenizer, ids)}
+
+
+def prompt_ids_field(prompts: list[list[int]]) -> dict[str, Any]:
+    """The prompt's ids; a completions request with several prompts gets one list per prompt."""
+    return {"prompt_token_ids": prompts[0] if len(prompts) == 1 else prompts}
+
+
+class TokenIdFields:
+    """return_token_ids. In a stream, each generated id goes out with the next chunk of its choice
+    (a token whose text is held back rides with the text that follows it, or with the finish
+    chunk), and the first chunk carries the prompt's ids. Off, it adds nothing."""
+
+    def __init__(self, tokenizer: TextTokenizer, prompts: list[list[int]], enabled: bool) -> None:
+        self.tokenizer = tokenizer
+        self.enabled = enabled
+        self.pending: dict[int, list[int]] = {}
+        self.prompt: dict[str, Any] | None = prompt_ids_field(prompts) if enabled else None
+
+    def add(self, index: int, token_id: int) -> None:
+        if self.enabled and token_id >= 0:  # -1: no token (a generation ended by the server)
+            self.pending.setdefault(index, []).append(token_id)
+
+    def of(self, ids: list[int]) -> dict[str, Any]:
+        """A choice's token fields (nothing when they were not asked for)."""
+        return token_fields(self.tokenizer, ids) if self.enabled else {}
+
+    def choice(self, index: int) -> dict[str, Any]:
+        """The fields of the next chunk of choice `index`: its tokens since its last chunk."""
+        return self.of(self.pending.pop(index, []))
+
+    def prompt_once(self) -> dict[str, Any]:
+        first, self.prompt = self.prompt, None
+        return first or {}
 
 
 # --- completions ------------------------------------------------------------------------------
@@ -70,8 +113,9 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text, "refusal": None}
+def chat_choice(index: int, text: str | dict[str, Any], logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
+    """text: the reply's content, or its message fields (content and tool_calls)."""
+    message = {"role": "assistant", "refusal": None} | ({"content": text} if isinstance(text, str) else text)
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 

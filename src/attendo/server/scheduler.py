@@ -10,6 +10,10 @@ places, each safe to call from any thread:
 - Each step's events become `Delta`s on the ticket's asyncio queue (`call_soon_threadsafe`).
 - `cancel(ticket)` (a client went away) drops the ticket's sequences before the next step, which
   frees their cache slots.
+- `call(job)` runs a function on the thread between two steps, when the network is not in use:
+  the inspection routes run their forward passes this way. The batch waits for the job (a
+  bounded pass, like a prefill chunk), and jobs never run beside a step, so they neither change
+  a running sequence's numbers nor compete with it for the CPU's threads.
 
 The batch keeps sampler state per sequence (settings, seeded generator, stops), so what a request
 generates does not depend on what else is in the batch.
@@ -22,9 +26,10 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from attendo.generation.loop import Batch, Event, Request, Sequence, TokenLogprob
 from attendo.generation.sampler import SamplingSettings
@@ -106,6 +111,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._inbox: list[Ticket] = []  # submitted, not yet added to the batch
         self._cancelled: list[Ticket] = []
+        self._jobs: list[tuple[Callable[[], Any], Future]] = []
         self._active = 0  # sequences submitted and not finished: running or waiting for a slot
         self._tickets: dict[int, Ticket] = {}  # ticket id -> ticket, for tickets in the batch
         self._owner: dict[int, tuple[Ticket, int]] = {}  # id(sequence) -> (ticket, index)
@@ -162,6 +168,17 @@ class Scheduler:
             self._cancelled.append(ticket)
             self._lock.notify()
 
+    def call(self, job: Callable[[], Any]) -> Future:
+        """Run job() on the scheduler thread before its next step; the future gets its result
+        or exception."""
+        future: Future = Future()
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown(f"{self.name} is shutting down")
+            self._jobs.append((job, future))
+            self._lock.notify()
+        return future
+
     def drain(self, grace: float) -> None:
         """Take no new requests; let the running ones finish for `grace` seconds, then end them
         (finish_reason "length": cut short by a limit, the server's)."""
@@ -183,11 +200,14 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not (self._inbox or self._cancelled or self.batch.busy or self._stopped):
+                while not (self._inbox or self._cancelled or self._jobs or self.batch.busy or self._stopped):
                     self._lock.wait()
                 inbox, self._inbox = self._inbox, []
                 cancelled, self._cancelled = self._cancelled, []
+                jobs, self._jobs = self._jobs, []
                 stopped, end_at = self._stopped, self._end_at
+            for job, future in jobs:
+                _run_job(job, future, stopped)
             try:
                 for ticket in cancelled:
                     self._drop(ticket)
@@ -288,3 +308,15 @@ class Scheduler:
             ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
+
+
+def _run_job(job: Callable[[], Any], future: Future, stopped: bool) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    if stopped:
+        future.set_exception(ShuttingDown("the scheduler has stopped"))
+        return
+    try:
+        future.set_result(job())
+    except Exception as e:  # the caller gets the failure; the scheduler carries on
+        future.set_exception(e)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from attendo.inspect.geometry import MAX_INPUTS
+from attendo.inspect.stages import MAX_TOP
 from attendo.server.errors import bad_request
 
 MAX_N = 16  # choices per request
@@ -48,6 +50,7 @@ class GenerationBody(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored
+    return_token_ids: bool = False  # attendo: also the ids and readable strings of the tokens
 
     @field_validator("stop")
     @classmethod
@@ -135,14 +138,31 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]]
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a tool message answers
+    content: str | list[dict[str, Any]] | None = Field(None, validate_default=True)  # after the fields it checks
 
     @field_validator("content")
     @classmethod
-    def _text_only(cls, content: str | list[dict[str, Any]]) -> str:
+    def _text_only(cls, content: str | list[dict[str, Any]] | None, info: ValidationInfo) -> str | None:
+        if content is None:
+            if not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+                raise ValueError("content is required, except in an assistant message with tool_calls")
+            return content
         if isinstance(content, str):
             return content
         parts = []
@@ -152,10 +172,46 @@ class Message(_Body):
             parts.append(part["text"])
         return "".join(parts)
 
+    @model_validator(mode="after")
+    def _tool_call_id(self) -> Message:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
     def as_dict(self) -> dict[str, Any]:
         # The OpenAI "developer" role is the system role of older templates.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.content} | ({"name": self.name} if self.name else {})
+        extra = {"name": self.name, "tool_call_id": self.tool_call_id,
+                 "tool_calls": [c.model_dump() for c in self.tool_calls] if self.tool_calls else None}  # fmt: skip
+        return {"role": role, "content": self.content} | {k: v for k, v in extra.items() if v}
+
+
+class JSONSchemaFormat(_Body):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatBody(GenerationBody):
@@ -163,6 +219,17 @@ class ChatBody(GenerationBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None  # checked by attendo.prompting.tools, which names the problem
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_needs_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        if choice is not None and not info.data.get("tools"):
+            raise ValueError("tool_choice is only allowed when tools are given")
+        return choice
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatBody:
@@ -209,6 +276,7 @@ class TokenizeBody(_Body):
     model: str = Field(min_length=1)
     prompt: str | None = None
     messages: list[Message] | None = None
+    tools: list[dict[str, Any]] | None = None  # with messages: the prompt a chat with these tools reads
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
@@ -226,12 +294,63 @@ class DetokenizeBody(_Body):
     tokens: TokenIds
 
 
+# --- inspection (attendo's own routes, /v1/inspect/...) -------------------------------------
+# Their limits are attendo.inspect's own (MAX_TOP tokens per stage, MAX_INPUTS texts).
+
+
+class StageSettings(_Body):
+    """The sampler settings of one step; a missing one is off (not the model's default)."""
+
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=2**64)
+
+    def given(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class StagesBody(_Body):
+    model: str = Field(min_length=1)
+    token_ids: TokenIds = Field(min_length=1)
+    settings: StageSettings = Field(default_factory=StageSettings)
+    top: int = Field(20, ge=1, le=MAX_TOP)
+    chosen: int | None = None
+
+
+class AttentionBody(_Body):
+    model: str = Field(min_length=1)
+    text: str | None = None
+    token_ids: TokenIds | None = None
+    target: str | None = None
+    layer: int = 0
+
+    @model_validator(mode="after")
+    def _one_of(self) -> AttentionBody:
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("give exactly one of text and token_ids")
+        return self
+
+
+class GeometryBody(_Body):
+    model: str = Field(min_length=1)
+    inputs: list[str] = Field(min_length=2, max_length=MAX_INPUTS)
+    dims: Literal[2, 3] = 2
+
+
 Body = TypeVar("Body", bound=BaseModel)
 _FIELD_NAMES = {
     name
-    for kind in (CompletionBody, ChatBody, Message, StreamOptions, EmbeddingBody, TokenizeBody, DetokenizeBody)
+    for kind in (CompletionBody, ChatBody, Message, StreamOptions, EmbeddingBody, TokenizeBody, DetokenizeBody,
+                 ResponseFormat, JSONSchemaFormat, ToolCall, FunctionCall, NamedToolChoice,
+                 StageSettings, StagesBody, AttentionBody, GeometryBody)
     for name in kind.model_fields
-}
+} | {"schema"}
 
 
 def parse(kind: type[Body], data: Any) -> Body:
@@ -243,7 +362,8 @@ def parse(kind: type[Body], data: Any) -> Body:
     except ValidationError as e:
         error = e.errors(include_url=False)[0]
         # Keep field names and list indices; drop pydantic's names for the members of a union.
-        param = ".".join(str(p) for p in error["loc"] if isinstance(p, int) or p in _FIELD_NAMES) or None
+        known = _FIELD_NAMES | set(kind.model_fields)  # bodies of other modules' routes too
+        param = ".".join(str(p) for p in error["loc"] if isinstance(p, int) or p in known) or None
         if error["type"] == "missing":
             raise bad_request(f"Missing required parameter: '{param}'.", param=param) from None
         message = error["msg"].removeprefix("Value error, ")

@@ -30,6 +30,9 @@ class ServerSettings:
     max_body_bytes: int = 4 * 2**20
     dtype: str | None = None
     shutdown_grace: float = 30.0  # seconds open generations may run on after SIGTERM
+    # LoRA adapters served as models of their own on the first of `models`: name -> adapter directory.
+    adapters: dict[str, str] = field(default_factory=dict)
+    indexes: dict[str, str] = field(default_factory=dict)  # retrieval indexes: name -> index file
 
     def __post_init__(self) -> None:
         limits = {"max_batch": (self.max_batch, 1), "max_queue": (self.max_queue, 0), "max_len": (self.max_len, 2),
@@ -58,7 +61,7 @@ class ServedModels:
     metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
-        self.names = list(dict.fromkeys([*self.settings.models, *self.preloaded]))
+        self.names = list(dict.fromkeys([*self.settings.models, *self.settings.adapters, *self.preloaded]))
         self.served: dict[str, Served] = {}
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -88,6 +91,8 @@ class ServedModels:
             return self.loader(name, self.settings.dtype)
         from attendo.loader import load
 
+        if name in self.settings.adapters:
+            return load(self.settings.models[0], dtype=self.settings.dtype, adapter=self.settings.adapters[name])
         return load(name, dtype=self.settings.dtype)
 
     def _serve(self, name: str, model: Model) -> Served:

@@ -507,7 +507,7 @@ _PRE_SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _byte_alphabet() -> dict[int, str]:
+def byte_alphabet() -> dict[int, str]:
     """GPT-2's printable spelling of the 256 bytes: printable Latin-1 bytes stand for themselves,
     the rest (control characters, space, soft hyphen...) take the code points from 256 upwards."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -551,7 +551,7 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
 
 def _byte_level(path: Path, metadata: dict[str, Any], tokens: list[str]) -> tuple[Tokenizer, set[str]]:
     """GPT-2-style BPE over bytes; also the characters its tokens are spelled in."""
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     spelled_in = set(alphabet.values())
     # Tokens added to the vocabulary as plain text (like "<think>") are stored unspelled.
     vocab = {

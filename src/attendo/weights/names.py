@@ -286,3 +286,14 @@ def rule_for(rules: dict[str, Rule], parameter: str) -> tuple[Rule, tuple[str, .
         return None
     layer = match.group(1) if match else ""
     return rule, tuple(source.replace("{i}", layer) for source in rule.sources)
+
+
+@dataclass(frozen=True)
+class CheckpointNames:
+    """How a loaded model's parameters were made from its checkpoint: the checkpoint's
+    model_type, the rules, and every tensor's shape in the file (Hugging Face layout). The Model
+    keeps it, so that LoRA adapters can name our fused layers' parts as the checkpoint does."""
+
+    model_type: str
+    rules: dict[str, Rule]
+    shapes: dict[str, tuple[int, ...]]
