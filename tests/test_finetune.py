@@ -89,7 +89,10 @@ def _same_logits_in_transformers(out, model) -> None:
     ids = torch.tensor([model.tokenizer.encode(PAIRS[1][0])])
     assert transformers.AutoTokenizer.from_pretrained(out)(PAIRS[1][0]).input_ids == ids[0].tolist()
     with torch.no_grad():
-        torch.testing.assert_close(model.logits(ids), reloaded(ids).logits, rtol=1e-4, atol=1e-4)
+        expected = reloaded(ids).logits
+        # Float32 rounding of logits this large (a few tens): transformers' own float32 result is
+        # itself ~2.5e-4 from the float64 one here, so the bound scales with the logits.
+        torch.testing.assert_close(model.logits(ids), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_full_finetuning_learns_the_answers_and_saves_a_model(tiny_model, tmp_path):

@@ -136,7 +136,7 @@ def test_merge_gives_the_same_outputs(tiny_model):
     text = model.generate(SENTENCES[0], max_new_tokens=8, do_sample=False).text
     merge_lora(model)
     assert not lora_layers(model.network)
-    assert all(type(m) is torch.nn.Linear for n, m in model.network.named_modules() if n.endswith((".qkv", ".up", ".down", ".out")))
+    assert all(isinstance(m, torch.nn.Linear) for n, m in model.network.named_modules() if n.endswith((".qkv", ".up", ".down", ".out")))
     assert max_diff(model.logits(ids), unmerged) < 1e-4
     assert model.generate(SENTENCES[0], max_new_tokens=8, do_sample=False).text == text
     assert max_diff(model.logits(ids), attendo.load(directory).logits(ids)) > 1e-2
