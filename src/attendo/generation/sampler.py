@@ -284,7 +284,8 @@ def next_token(logits: torch.Tensor, settings: SamplingSettings,
     make it once per generation with `make_generator(settings.seed)` so a seed reproduces the run.
     """
     if settings.greedy:
-        chosen = apply_penalties(logits, previous_ids, settings)
+        # no history: the penalties' copy of the logits would only be read
+        chosen = logits if previous_ids is None else apply_penalties(logits, previous_ids, settings)
         return argmax(chosen if allowed is None else mask_tokens(chosen, allowed))
     return draw(process_logits(logits, settings, previous_ids, allowed), generator)
 

@@ -26,6 +26,9 @@
 
 enum { LANES = 8 };
 
+/* fmaxf(top, s) inline (it is a library call unless NaN may be ignored): a NaN score never wins */
+ALWAYS_INLINE float larger(float top, float s) { return s > top ? s : top; }
+
 /* ---- scores -------------------------------------------------------------------------------
    A key's score is q·k summed as 8 lanes by dimension (16 with AVX-512, folded to 8: lane i plus
    lane i + 8), each lane's products added in dimension order, then the 8 lanes added by one fixed
@@ -271,7 +274,7 @@ static void attend_one(const Attention *a, int b, int h, int i, float *scores) {
             continue;
         }
         scores[j] = a->scale * score1(q, k + j * a->k_strides[2], a->dim) + added;
-        top = fmaxf(top, scores[j]);
+        top = larger(top, scores[j]);
     }
     memset(out, 0, sizeof(float) * a->dim);
     if (top == -INFINITY) return; /* nothing to attend to (a padding query): zeros */
@@ -307,7 +310,7 @@ void attend_tile(int n, const float *const *q, const int *first, const int *last
         for (j = first[i]; j <= last[i]; j++) {
             s[j] = scale * s[j];
             if (bias_slope != 0.0f) s[j] += -bias_slope * (float)(position[i] - j);
-            top = fmaxf(top, s[j]);
+            top = larger(top, s[j]);
         }
         for (j = last[i] + 1; j < padded; j++) s[j] = -INFINITY;
         totals[i] = exponentiate(s + own_from, padded - own_from, top);

@@ -193,6 +193,7 @@ typedef struct {
     float *normed, *qkv, *attended, *projected, *hidden;
     Rounded rounded;
     int n_tiles, *tile_start, *tile_rows; /* the rows grouped for attention (see attention_block) */
+    int group_heads; /* whether a task also takes the heads that share a key/value head */
 } Scratch;
 
 static void attention_block(const Layer *L, float *x, int rows, const int64_t *positions, const int64_t *slots,
@@ -236,21 +237,27 @@ static void attention_block(const Layer *L, float *x, int rows, const int64_t *p
     /* the implicit barrier: every key of this step is in the cache before any query reads it */
 #pragma omp for schedule(dynamic, 1)
     for (int t = 0; t < s->n_tiles * L->heads; t++) {
-        /* a tile: up to TILE_QUERIES consecutive rows of one sequence (see attend_tile) */
+        /* a task: the rows of a tile (up to TILE_QUERIES consecutive rows of one sequence) times
+           `width` heads that read the same key/value head, all against one run of cached keys
+           (see attend_tile); index t names the task's first head, others are skipped */
         const int start = s->tile_start[t / L->heads], n = s->tile_rows[t / L->heads], h = t % L->heads;
-        const int kv = h / (L->heads / L->kv_heads);
+        const int group = L->heads / L->kv_heads, kv = h / group, in_group = h % group;
+        int width = s->group_heads && !L->alibi ? TILE_QUERIES / n : 1; /* ALiBi: a slope per head */
+        width = width < group ? width : group;
+        if (in_group % width) continue;
+        width = width < group - in_group ? width : group - in_group;
         const float *q[TILE_QUERIES];
         float *out[TILE_QUERIES];
         int first[TILE_QUERIES], last[TILE_QUERIES], position[TILE_QUERIES];
-        for (int i = 0; i < n; i++) {
-            const int r = start + i;
+        for (int i = 0; i < n * width; i++) {
+            const int r = start + i / width, head = h + i % width;
             position[i] = last[i] = (int)positions[r];
             first[i] = L->window > 0 && position[i] - L->window + 1 > 0 ? position[i] - L->window + 1 : 0;
-            q[i] = s->qkv + (size_t)r * L->qkv.out + h * hd;
-            out[i] = s->attended + (size_t)r * q_width + h * hd;
+            q[i] = s->qkv + (size_t)r * L->qkv.out + head * hd;
+            out[i] = s->attended + (size_t)r * q_width + head * hd;
         }
         const size_t base = slots[start] * slot_stride + kv * head_stride;
-        attend_tile(n, q, first, last, position, k_cache + base, hd, v_cache + base, hd, hd, L->scale,
+        attend_tile(n * width, q, first, last, position, k_cache + base, hd, v_cache + base, hd, hd, L->scale,
                     L->alibi ? L->alibi[h] : 0.0f, scores, max_len + 16, out);
     }
     project(&L->out, s->attended, rows, &s->rounded, s->projected);
@@ -334,6 +341,9 @@ int attendo_decoder_layers(const Layer *layers, int n_layers, float *x, int rows
                 s.tile_rows[s.n_tiles++] = 1;
             }
         }
+        /* Heads that share keys share their loads too, when there are tiles enough to keep every
+           thread busy without splitting a group (a query's result is the same either way) */
+        s.group_heads = s.n_tiles * layers[0].kv_heads >= 4 * threads;
 #pragma omp parallel num_threads(threads)
         {
             float *scores = malloc(sizeof(float) * (max_len + 16) * TILE_QUERIES);
