@@ -268,9 +268,24 @@ def process_logits(logits: torch.Tensor, settings: SamplingSettings,
     allowed: bool (vocab,) or (batch, vocab), the grammar's mask, or None.
     """
     out = logits
-    for _, stage in _chain(settings, previous_ids, allowed):
-        out = stage(out)
-    return out
+    for name, stage in _chain(settings, previous_ids, allowed):
+        if not _passes_through(name, settings, previous_ids):
+            out = stage(out)
+    return logits.clone() if out is logits else out
+
+
+def _passes_through(name: str, settings: SamplingSettings, previous_ids: torch.Tensor | None) -> bool:
+    """Whether a stage's setting is its neutral value, so that it would return a copy of its input
+    (skipping the copies matters in a server: each is a vocabulary-sized tensor per row per token)."""
+    no_history = previous_ids is None or previous_ids.shape[-1] == 0
+    neutral = {
+        "penalties": no_history or (settings.repetition_penalty == 1 and not settings.presence_penalty and not settings.frequency_penalty),
+        "temperature": settings.temperature == 1,
+        "top_k": settings.top_k == 0,
+        "top_p": settings.top_p == 1,
+        "min_p": settings.min_p == 0,
+    }
+    return neutral.get(name, False)
 
 
 def next_token(logits: torch.Tensor, settings: SamplingSettings,
