@@ -185,6 +185,20 @@ def test_the_avx2_and_plain_c_builds_are_batch_invariant_too():
             assert torch.equal(whole[:, :, 8:], last)
 
 
+
+@pytest.mark.parametrize("weights", ["q4_1", "float32"])
+def test_the_avx2_builds_fused_decoder_is_batch_invariant_too(tiny_model, weights):
+    """The whole fused stack (decoder.c: tiles of prompt rows, heads grouped by key/value head)
+    with the library an AVX2-only machine builds; the packed layout is the same on both."""
+    model = attendo.load(tiny_model("llama-gqa")[0], dtype=weights)
+    native = kernels.library
+    avx2 = native(kernels.AVX2_ONLY)
+    assert not isinstance(avx2, str), avx2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "library", lambda *_: avx2)
+        assert fused.unfusable(model.network) is None
+        assert_same_bits(model)
+
 # --- the bundled model ------------------------------------------------------------------------
 
 TOPICS = ["a red apple", "the moon", "a lighthouse", "bread", "a violin", "rain", "a chess game", "volcanoes"]
