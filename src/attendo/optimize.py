@@ -217,4 +217,7 @@ def compile_decode(network: nn.Module) -> Callable[..., torch.Tensor]:
     """The network's forward, compiled for fixed shapes (use it with a fixed-shape KV cache).
     The step's own code is generated as C++ too (cpp_wrapper), not only its kernels: a decode
     step calls some 250 kernels, and calling each from Python cost about a third of the step."""
+    # The step asks kernels.available() (attendo.layers.attention); its answer never changes.
+    # Marked here, not where it is defined: marking imports the compiler (1.5 s, 70 MB).
+    torch.compiler.assume_constant_result(kernels.available)
     return torch.compile(network, dynamic=False, options={"cpp_wrapper": True})

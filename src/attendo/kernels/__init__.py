@@ -128,7 +128,6 @@ def library(flags: tuple[str, ...] = NATIVE) -> ctypes.CDLL | str:
     return loaded
 
 
-@torch.compiler.assume_constant_result  # asked inside compiled steps too: the answer never changes
 def available() -> bool:
     return not isinstance(library(), str)
 

@@ -106,7 +106,7 @@ def attend(
     keys and with the mask, so a sequence would decode differently alone and in a batch)."""
     groups = q.shape[1] // k.shape[1]
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if record is None and kernels.available() and not needs_grad:
+    if record is None and not needs_grad and kernels.available():
         return kernels.attention(q, k, v, mask, scale).to(q.dtype)
     if record is None:  # the fused kernel shares each key/value head among its query heads itself
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
