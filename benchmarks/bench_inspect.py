@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import socket
 import statistics
 import threading
@@ -35,19 +34,9 @@ from typing import Any
 import httpx
 import torch
 import uvicorn
+from machine import machine
 
 MODEL = "smollm2-135m-instruct"
-FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
-
-
-def cpu() -> dict[str, Any]:
-    name, flags = platform.processor() or "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    return {"name": name, "flags": [f for f in FLAGS if f in flags]}
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
@@ -158,7 +147,7 @@ def main() -> None:
     encode = model.tokenizer.encode
     text_ids = prompt_ids(lambda t: encode(t, add_special_tokens=False), 200)
     context = prompt_ids(lambda t: encode(t, add_special_tokens=False), 32 + args.calls + 4, variant=7)
-    report: dict[str, Any] = {"cpu": cpu(), "threads": args.threads, "calls": args.calls}
+    report: dict[str, Any] = {"machine": machine(), "threads": args.threads, "calls": args.calls}
     report["attendo"] = measure_attendo(model, text_ids, context, args.calls)
     if not args.no_transformers:
         report["transformers"] = measure_transformers(registered_path(MODEL), text_ids, args.calls)

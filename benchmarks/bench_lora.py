@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine
 
 MODEL = "smollm2-135m-instruct"
 
@@ -86,7 +87,7 @@ def main() -> None:
             chosen[name] = run()
             seconds[name].append(time.perf_counter() - start)
     report = {
-        "model": MODEL, "tokens": args.tokens, "prompt_tokens": len(ids), "threads": args.threads,
+        "model": MODEL, "tokens": args.tokens, "prompt_tokens": len(ids), "threads": args.threads, "machine": machine(),
         "tokens_per_second": {name: round(args.tokens / statistics.median(s), 1) for name, s in seconds.items()},
         "float32_same_tokens": chosen["attendo float32, adapter merged"] == chosen["transformers float32 + peft adapter"]
         == chosen["transformers float32, adapter merged"],

@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import httpx
 from bench_server import free_port, percentile, start_server, wait_healthy
+from machine import describe, machine
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -75,16 +75,6 @@ UNTIL_DRAWN = """async ([selector, index, value, event, panel]) => {
 
 def summary(values: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(values), "p90_ms": percentile(values, 90), "max_ms": max(values), "n": len(values)}
-
-
-def cpu() -> dict[str, object]:
-    name, flags = platform.processor() or "unknown", []
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = [f for f in line.split(":", 1)[1].split() if f in {"avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"}]
-    return {"name": name, "flags": flags, "cpus": os.cpu_count()}
 
 
 def text_of(url: str, model: str, tokens: int) -> str:
@@ -176,7 +166,7 @@ def main() -> None:
     report = {
         "model": args.model,
         "threads": args.threads,
-        "machine": {**cpu(), "platform": platform.platform(), "load_average": os.getloadavg()},
+        "machine": {**machine(), "load_average": os.getloadavg()},
         "stages_first_open_ms": first_open,
         "slider_to_redrawn_stages": summary(moves),
         "attention_tokens": args.attention_tokens,
@@ -186,8 +176,7 @@ def main() -> None:
         **routes,
     }
     out.write_text(json.dumps(report, indent=2))
-    machine = report["machine"]
-    print(f"\n{args.model}, attendo serve --threads {args.threads}; {machine['name']} ({machine['cpus']} CPUs, {' '.join(machine['flags'])})")
+    print(f"\n{args.model}, attendo serve --threads {args.threads}; {describe(report['machine'])}")
     print("| what | median (ms) | p90 (ms) | max (ms) | n |")
     print("|---|---:|---:|---:|---:|")
     rows = [

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from machine import describe, machine
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm, as JSON."}]
 LONG = 2000  # characters: far more than --tokens tokens can hold, so no constrained output ends early
@@ -92,8 +92,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import attendo
-    from attendo.kernels import _cpu_signature
-
     model = attendo.load("smollm2-135m-instruct")
     prompt = model.encode_chat(PROMPT)
     batches = [int(b) for b in args.batches.split(",")]
@@ -111,14 +109,13 @@ def main() -> None:
         "model": "smollm2-135m-instruct (Q4_1 blocks)",
         "threads": args.threads,
         "tokens": args.tokens,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_flags": _cpu_signature().strip(),  # the flags line of /proc/cpuinfo
+        "machine": machine(),
         "tokens_per_second": {w: {b: statistics.median(r) for b, r in by.items()} for w, by in rates.items()},
         "all_rounds": rates,
         "mask_microseconds": masks,
     }
     free = report["tokens_per_second"]["free"]
-    lines = [f"decode tokens/s, {args.tokens} tokens, {args.threads} threads, median of {args.repeats} rounds"]
+    lines = [f"decode tokens/s, {args.tokens} tokens, {args.threads} threads, median of {args.repeats} rounds; {describe(report['machine'])}"]
     for way, by in report["tokens_per_second"].items():
         cells = [f"batch {b}: {r:6.1f} ({r / free[b]:.2f}x free)" for b, r in by.items()]
         mask = f"   mask {masks[way]:.0f} µs" if way in masks else ""

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import describe, machine
 
 # name: (engine, precision, compiled)
 VARIANTS: dict[str, tuple[str, str, bool]] = {
@@ -184,7 +184,6 @@ def peer_of(name: str) -> str:
 
 
 def measure(threads: int, rounds: int, steps: int, warmup: int, variants: list[str]) -> dict[str, Any]:
-    from attendo.bench.run import _cpu_name
 
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as shared:
@@ -203,13 +202,9 @@ def measure(threads: int, rounds: int, steps: int, warmup: int, variants: list[s
         if VARIANTS[name][0] == "attendo" and peer in runs:
             per_round = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[name], runs[peer])]
             ratios[f"{name} / {peer}"] = _spread(per_round)
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     return {
         "when": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {
-            "cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "flags": sorted(k for k, v in capabilities.items() if v is True and k.startswith(("avx", "amx"))),
-        },
+        "machine": {**machine(), "torch": torch.__version__},
         "workload": {"preset": PRESET, "batch": BATCH, "seq_len": SEQ_LEN, "vocab": VOCAB, "threads": threads,
                      "steps": steps, "warmup": warmup},  # fmt: skip
         "rounds": rounds,
@@ -224,8 +219,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"training speed, {w['preset']}, batch {w['batch']} x {w['seq_len']} tokens, {w['threads']} threads, "
         f"{w['steps']} timed steps after {w['warmup']}, median (min-max) of {report['rounds']} rounds",
-        f"{report['machine']['cpu']}, {report['machine']['cores']} cores, torch {report['machine']['torch']}; "
-        f"flags {' '.join(report['machine']['flags'])}",
+        f"{describe(report['machine'])}; torch {report['machine']['torch']}",
         f"{'variant':<32}{'tokens/s':>26}{'peak MB':>10}{'loss, step 1':>14}{'last step':>11}",
     ]
     for name, result in report["results"].items():

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine
 
 MODEL = "smollm2-135m-instruct"
 
@@ -44,15 +45,6 @@ def transformers_perplexity(model, ids: torch.Tensor, window: int, stride: int) 
     return math.exp(total / scored), scored
 
 
-def _vector_flags() -> list[str]:
-    """The CPU's vector instruction sets that matter to matrix products."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return [f for f in flags if f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "amx_tile")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text", default="data/rag/docs/course-notes.md")
@@ -64,13 +56,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import attendo
-    from attendo.bench.run import _cpu_name
     from attendo.registry import resolve
     from attendo.train.perplexity import perplexity, read_text
 
     text = read_text(args.text)
     report: dict = {"text": args.text, "window": args.window, "stride": args.stride, "threads": args.threads,
-                    "cpu": _cpu_name(), "cpu_flags": _vector_flags(), "engines": {}}  # fmt: skip
+                    "machine": machine(), "engines": {}}  # fmt: skip
     ids = None
     for name, dtype in (("attendo (Q4_1 blocks)", None), ("attendo (float32)", "float32")):
         model = attendo.load(MODEL, dtype=dtype)

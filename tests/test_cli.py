@@ -32,6 +32,16 @@ def test_generate_reads_the_prompt_from_stdin(tiny_llama_dir, tiny_llama, capsys
     assert capsys.readouterr().out == greedy(tiny_llama, "The quick brown fox", 4) + "\n"
 
 
+
+def test_generate_takes_every_sampling_setting_of_the_api(tiny_llama_dir, tiny_llama, capsys):
+    """The same sampling flags as attendo distribution, the penalties included."""
+    flags = ["--temperature", "0.9", "--top-k", "20", "--top-p", "0.8", "--min-p", "0.01", "--repetition-penalty", "1.2",
+             "--presence-penalty", "0.5", "--frequency-penalty", "0.3", "--seed", "7"]  # fmt: skip
+    assert main(["generate", "Hello", "-m", str(tiny_llama_dir), "-n", "8", *flags]) == 0
+    expected = tiny_llama.generate("Hello", max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.8, min_p=0.01,
+                                   repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3, seed=7)  # fmt: skip
+    assert capsys.readouterr().out == expected.text + "\n"
+
 @pytest.fixture
 def pickle_file(tmp_path) -> Path:
     path = tmp_path / "model.pt"

@@ -1,5 +1,6 @@
 """LoRA adapters against the `peft` library, both ways, on tiny random checkpoints of LLaMA (GQA),
-Qwen2, GPT-2 (Conv1D, stored transposed), BLOOM (per-head fused q/k/v), T5 and BART: an adapter
+Qwen2, GPT-2 (Conv1D, stored transposed), BLOOM (per-head fused q/k/v), T5, BART, Phi-3 (q/k/v and
+gate/up fused in the checkpoint) and Gemma 3 (PEFT's default targets): an adapter
 attendo saves loads with peft onto the transformers model with the same logits, and an adapter
 peft makes (random non-zero B) loads in attendo with the same logits. Then merging, training only
 the adapter, adapters beside quantized weights, and bad adapters."""
@@ -37,6 +38,8 @@ FAMILIES = {
     "bloom": ("all-linear", _bloom),
     "t5": (["q", "k", "v", "o", "wi", "wo"], MAKERS["t5-v1.0"]),
     "bart": ("all-linear", MAKERS["bart"]),
+    "phi3-longrope": (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], None),  # q/k/v and gate/up fused in the file
+    "gemma3": (None, None),  # None: PEFT's default targets for the model type
 }
 
 
@@ -83,8 +86,8 @@ def _randomize_adapter(model, seed: int = 0) -> None:
                 part.B.copy_(torch.randn(part.B.shape, generator=generator) * 0.3)
 
 
-def _targets(targets) -> tuple[str, ...]:
-    return (targets,) if isinstance(targets, str) else tuple(targets)
+def _targets(targets) -> tuple[str, ...] | None:
+    return None if targets is None else (targets,) if isinstance(targets, str) else tuple(targets)
 
 
 def test_attendo_adapter_loads_in_peft_with_the_same_logits(family, tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path

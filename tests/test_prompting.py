@@ -179,6 +179,20 @@ def test_prompt_dry_run_shows_the_prompt_without_generating(task, tiny_llama_dir
     assert "3 examples" in out and "Input: wow\nOutput: good\n\nInput: Meh\nOutput:" in out
 
 
+
+def test_prompt_structured_output_cut_off_is_a_clear_error(task, tiny_llama_dir, tiny_llama, capsys):
+    """As for attendo generate: a --regex or --json-schema answer that the token limit cut off is
+    printed, then named as incomplete with exit code 2."""
+    template, _ = task
+    argv = ["prompt", str(template), "--var", "positive=good", "--var", "negative=bad", "--input", "Meh",
+            "-m", str(tiny_llama_dir), "--greedy", "-n", "2", "--regex", "[a-z]{20}"]  # fmt: skip
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    prompt = render_prompt(tiny_llama, PromptTemplate(INSTRUCTION + "\n"), LABELS, [], input="Meh", max_new_tokens=2)
+    expected = tiny_llama.generate(prompt.token_ids, max_new_tokens=2, do_sample=False, regex="[a-z]{20}")
+    assert expected.finish_reason == "length" and out == expected.text + "\n"
+    assert err.startswith("attendo: error: the output was cut off after 2 tokens") and err.count("\n") == 1
+
 @pytest.mark.parametrize(
     "extra, message",
     [

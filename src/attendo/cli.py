@@ -34,17 +34,24 @@ def add_adapter_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply (e.g. from attendo finetune --lora)")
 
 
+def add_sampling_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The sampler's settings (attendo.generation.sampler), as generation_settings reads them."""
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    parser.add_argument("--temperature", "-t", type=float, default=None, help="randomness: 0 = greedy, 1 = the model's own distribution")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    parser.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding probability p")
+    parser.add_argument("--min-p", type=float, default=None, help="drop tokens below p times the top token's probability")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating earlier tokens")
+    parser.add_argument("--presence-penalty", type=float, default=None, help="subtracted once from every token seen (-2..2)")
+    parser.add_argument("--frequency-penalty", type=float, default=None, help="subtracted per occurrence of a token (-2..2)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("generation")
     g.add_argument("--max-new-tokens", "-n", type=int, default=None, help="most tokens to generate (default 128)")
-    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--temperature", "-t", type=float, default=None, help="randomness: 0 = greedy, 1 = the model's own distribution")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    g.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding probability p")
-    g.add_argument("--min-p", type=float, default=None, help="drop tokens below p times the top token's probability")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating earlier tokens")
+    add_sampling_options(g)
     g.add_argument("--stop", action="append", default=None, help="a string that ends generation (repeatable)")
-    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--fast", action="store_true", help="quantized weights and a compiled decode step (the first run compiles)")
     g.add_argument(
         "--fast-weights", choices=["int8", "int4", "float16", "bfloat16", "float32"], default=None,
@@ -161,7 +168,7 @@ CHAT_HELP = """commands: /reset (forget the conversation), /set NAME VALUE (e.g.
 /set max-new-tokens 64, /set system You are terse.), /settings, /quit"""
 _CHAT_SETTINGS: dict[str, Callable[[str], Any]] = {
     "temperature": float, "top-k": int, "top-p": float, "min-p": float, "repetition-penalty": float,
-    "seed": int, "max-new-tokens": int, "greedy": lambda v: v.lower() in ("1", "true", "on", "yes"),
+    "presence-penalty": float, "frequency-penalty": float, "seed": int, "max-new-tokens": int, "greedy": lambda v: v.lower() in ("1", "true", "on", "yes"),
 }  # fmt: skip
 
 

@@ -15,7 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from attendo.cli import EMBEDDING_MODEL, UsageError, add_model_options, generation_settings, load_model, read_prompt
+from attendo.cli import (
+    EMBEDDING_MODEL,
+    UsageError,
+    add_model_options,
+    add_sampling_options,
+    generation_settings,
+    load_model,
+    read_prompt,
+)
 
 
 def _png(path: str) -> str:
@@ -45,9 +53,9 @@ def cmd_distribution(args: argparse.Namespace) -> None:
     out = _png(args.out) if args.out else None
     model = load_model(args)
     prompt = read_prompt(args)
-    if args.chat:
-        prompt = model.chat_prompt([{"role": "user", "content": prompt}])
-    report = model.sampling_stages(prompt, top=args.top, **generation_settings(args, model))
+    # A chat prompt as token ids: text the user typed stays text (see TextTokenizer.encode_chat).
+    context = model.encode_chat([{"role": "user", "content": prompt}]) if args.chat else prompt
+    report = model.sampling_stages(context, top=args.top, **generation_settings(args, model))
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
         return
@@ -132,19 +140,6 @@ def cmd_embed_plot(args: argparse.Namespace) -> None:
 # --- the parsers ------------------------------------------------------------------------------
 
 
-def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sampling (as for attendo generate)")
-    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--temperature", "-t", type=float, default=None, help="0 = greedy, 1 = the model's own distribution")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=None, help="keep the most likely tokens holding probability p")
-    g.add_argument("--min-p", type=float, default=None, help="drop tokens below p times the top token's probability")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages tokens of the prompt")
-    g.add_argument("--presence-penalty", type=float, default=None, help="subtracted once from every token seen (-2..2)")
-    g.add_argument("--frequency-penalty", type=float, default=None, help="subtracted per occurrence of a token (-2..2)")
-    g.add_argument("--seed", type=int, default=None, help="the draw of the chosen token")
-
-
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("distribution", help="the next token's probabilities after each sampler stage")
     p.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
@@ -153,7 +148,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write a PNG instead of printing a table")
     p.add_argument("--json", action="store_true", help="print the stages as JSON")
     add_model_options(p)
-    _add_sampling_options(p)
+    add_sampling_options(p.add_argument_group("sampling (as for attendo generate)"))
     p.set_defaults(run=cmd_distribution)
 
     p = commands.add_parser("attention", help="a layer's attention weights as heatmaps (PNG)")

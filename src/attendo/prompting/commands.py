@@ -7,7 +7,15 @@ import argparse
 import sys
 from typing import Any
 
-from attendo.cli import UsageError, add_generation_options, add_model_options, generation_settings, load_model
+from attendo.cli import (
+    UsageError,
+    add_generation_options,
+    add_model_options,
+    check_complete,
+    generation_settings,
+    load_model,
+    write_stream,
+)
 
 
 def parse_variables(pairs: list[str]) -> dict[str, str]:
@@ -55,13 +63,13 @@ def cmd_prompt(args: argparse.Namespace) -> None:
 
 
 def stream_completion(model: Any, prompt: Any, **generation: Any) -> None:
-    """Print the model's completion of a rendered prompt as it is generated."""
+    """Print the model's completion of a rendered prompt as it is generated (structured output
+    that the token limit cut off is an error, as for attendo generate)."""
     from attendo.prompting.templates import with_prompt_stops
 
-    for piece in model.stream(prompt.token_ids, **with_prompt_stops(prompt, generation)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    result = write_stream(model.stream(prompt.token_ids, **with_prompt_stops(prompt, generation)), sys.stdout)
     sys.stdout.write("\n")
+    check_complete(result, generation)
 
 
 def register(commands: Any) -> None:

@@ -29,7 +29,6 @@ context window, saying how many examples would fit; nothing is ever cut off sile
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ import jinja2
 from jinja2 import meta
 from jinja2.exceptions import SecurityError
 
+from attendo.datafiles import read_jsonl
 from attendo.errors import AttendoError, ContextLengthError, InvalidSettingError, UnsupportedModelError
 from attendo.model import DEFAULT_MAX_NEW_TOKENS
 from attendo.tokenizer import template_environment
@@ -63,21 +63,9 @@ class Example:
 def read_examples(path: str | Path) -> list[Example]:
     """Examples from a JSONL file: one {"input": str, "output": str} object per non-blank line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PromptTemplateError(f"cannot read examples file {path}: {e}") from None
     examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, record in read_jsonl(path, PromptTemplateError, expected='an object {"input": ..., "output": ...}'):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptTemplateError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise PromptTemplateError(f'{where}: expected an object {{"input": ..., "output": ...}}')
         for key in (INPUT, "output"):
             if not isinstance(record.get(key), str):
                 problem = "is missing" if key not in record else "must be a string"
@@ -232,20 +220,32 @@ def render_prompt(
     if chat and not has_template:
         raise UnsupportedModelError(f"{model.source.name} has no chat template: render the prompt as text")
     chat = has_template if chat is None else chat
-    new_tokens = new_token_budget(model, max_new_tokens)
-    prompt = layout_prompt(model, template, variables, examples, input, chat)
+    return fitted_prompt(
+        lambda k: layout_prompt(model, template, variables, examples[:k], input, chat),
+        len(examples), new_token_budget(model, max_new_tokens), "examples", "--shots",
+    )  # fmt: skip
+
+
+def fitted_prompt(
+    layout: Callable[[int], RenderedPrompt], count: int, new_tokens: int, items: str, flag: str, least: int = 0
+) -> RenderedPrompt:
+    """layout(count), the prompt with all `count` of its items (few-shot examples, retrieved
+    passages), when it fits the context window beside new_tokens; else a ContextLengthError that
+    says how many of them would fit (and the flag that asks for that many, at least `least`)."""
+    prompt = layout(count)
     room = prompt.window - new_tokens
     if prompt.token_count <= room:
         return prompt
-    fitting = largest_fitting(
-        len(examples), lambda k: layout_prompt(model, template, variables, examples[:k], input, chat).token_count <= room
-    )
+    fitting = largest_fitting(count, lambda k: layout(k).token_count <= room)
+    shorten = "shorten the template or the input, or ask for fewer new tokens"
     if fitting is None:
-        advice = "even with no examples it does not fit: shorten the template or the input, or ask for fewer new tokens"
+        advice = f"even with no {items} it does not fit: {shorten}"
+    elif fitting < least:
+        advice = f"not even {least} of the {items} fits: {shorten}"
     else:
-        advice = f"at most {fitting} of the examples fit (--shots {fitting})"
+        advice = f"at most {fitting} of the {items} fit ({flag} {fitting})"
     raise ContextLengthError(
-        f"the prompt with {len(examples)} examples is {prompt.token_count} tokens; with {new_tokens} new tokens "
+        f"the prompt with {count} {items} is {prompt.token_count} tokens; with {new_tokens} new tokens "
         f"it needs {prompt.token_count + new_tokens} of the model's context window of {prompt.window}: {advice}"
     )
 

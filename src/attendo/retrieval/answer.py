@@ -15,14 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from attendo.errors import ContextLengthError
 from attendo.prompting.templates import (
     PromptTemplate,
     RenderedPrompt,
     complete,
-    largest_fitting,
-    new_token_budget,
+    fitted_prompt,
     layout_prompt,
+    new_token_budget,
 )
 from attendo.retrieval.search import Passage, search
 
@@ -71,20 +70,11 @@ def retrieve_prompt(
     """The passages for a question and the prompt that holds them (checked against the window)."""
     template = answer_template(template)
     passages = search(index, question, top_k, mode)
-    new_tokens = new_token_budget(model, max_new_tokens)
     chat = model.tokenizer.chat_template is not None
-    prompt = layout_prompt(model, template, {"passages": passages}, [], question, chat)
-    room = prompt.window - new_tokens
-    if prompt.token_count > room:
-        fitting = largest_fitting(
-            len(passages),
-            lambda k: layout_prompt(model, template, {"passages": passages[:k]}, [], question, chat).token_count <= room,
-        )
-        advice = f"ask for at most {fitting} (--top-k {fitting})" if fitting else "shorten the question or the template"
-        raise ContextLengthError(
-            f"the prompt with {len(passages)} passages is {prompt.token_count} tokens, more than the {room} that the "
-            f"context window of {prompt.window} leaves beside {new_tokens} new tokens: {advice}"
-        )
+    prompt = fitted_prompt(
+        lambda k: layout_prompt(model, template, {"passages": passages[:k]}, [], question, chat),
+        len(passages), new_token_budget(model, max_new_tokens), "passages", "--top-k", least=1,
+    )  # fmt: skip
     return passages, prompt
 
 

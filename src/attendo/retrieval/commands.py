@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from attendo.cli import add_generation_options, add_model_options, generation_settings, load_model
+from attendo.cli import add_generation_options, add_model_options, check_complete, generation_settings, load_model
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -103,8 +103,9 @@ def cmd_ask(args: argparse.Namespace) -> None:
         show_prompt(prompt)
     settings = generation_settings(args, model)
     if args.json:
-        text = complete(model, prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **settings).text
-        print(json.dumps(Answer(text, passages, prompt).as_dict(), ensure_ascii=False))
+        result = complete(model, prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **settings)
+        print(json.dumps(Answer(result.text, passages, prompt).as_dict(), ensure_ascii=False))
+        check_complete(result, settings)
         return
     stream_completion(model, prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **settings)
 

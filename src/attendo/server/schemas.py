@@ -12,6 +12,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from attendo.inspect.geometry import MAX_INPUTS
+from attendo.inspect.stages import MAX_TOP
 from attendo.server.errors import bad_request
 
 MAX_N = 16  # choices per request
@@ -293,9 +295,7 @@ class DetokenizeBody(_Body):
 
 
 # --- inspection (attendo's own routes, /v1/inspect/...) -------------------------------------
-
-MAX_STAGE_TOKENS = 200  # tokens listed per stage
-MAX_GEOMETRY_INPUTS = 200
+# Their limits are attendo.inspect's own (MAX_TOP tokens per stage, MAX_INPUTS texts).
 
 
 class StageSettings(_Body):
@@ -319,7 +319,7 @@ class StagesBody(_Body):
     model: str = Field(min_length=1)
     token_ids: TokenIds = Field(min_length=1)
     settings: StageSettings = Field(default_factory=StageSettings)
-    top: int = Field(20, ge=1, le=MAX_STAGE_TOKENS)
+    top: int = Field(20, ge=1, le=MAX_TOP)
     chosen: int | None = None
 
 
@@ -339,7 +339,7 @@ class AttentionBody(_Body):
 
 class GeometryBody(_Body):
     model: str = Field(min_length=1)
-    inputs: list[str] = Field(min_length=2, max_length=MAX_GEOMETRY_INPUTS)
+    inputs: list[str] = Field(min_length=2, max_length=MAX_INPUTS)
     dims: Literal[2, 3] = 2
 
 

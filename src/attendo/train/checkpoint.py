@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from attendo.errors import CheckpointError
 from attendo.train.distributed import Processes, gather_tensors
+from attendo.train.export import write_atomically
 
 # Whole tensors (gathered from FSDP shards when sharded), copied to the CPU.
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -69,12 +70,6 @@ def _fsync_tree(folder: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def save_checkpoint(
@@ -115,7 +110,7 @@ def save_checkpoint(
     (temporary / "state.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     _fsync_tree(temporary)
     os.rename(temporary, final)
-    _write_text(root / "latest", final.name + "\n")
+    write_atomically(root / "latest", lambda temporary: temporary.write_text(final.name + "\n", encoding="utf-8"))
     _prune(root, keep)
     return final
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attendo.cli import UsageError
+
+if TYPE_CHECKING:
+    from attendo.train.settings import TrainSettings
 
 TRAIN_DEFAULTS = {"steps": 1000, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.1, "eval_every": 100, "save_every": 500}
 FINETUNE_DEFAULTS = {"batch_size": 8, "lr": 1e-4, "weight_decay": 0.0, "eval_every": 50, "save_every": 200}
@@ -55,7 +58,7 @@ def add_training_options(parser: argparse.ArgumentParser, defaults: dict[str, An
                    help="under torchrun: ddp (a model copy per process) or fsdp (parameters sharded)")
 
 
-def train_settings(args: argparse.Namespace, steps: int):
+def train_settings(args: argparse.Namespace, steps: int) -> TrainSettings:
     from attendo.train.settings import TrainSettings
 
     if args.threads:

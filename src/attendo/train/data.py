@@ -17,15 +17,15 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
+from attendo.datafiles import files_in, read_jsonl, read_text_file
 from attendo.errors import DataError
-from attendo.train.evaluate import json_line
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 IGNORE = -100  # the label of a position that takes no loss (prompt tokens, padding)
@@ -40,7 +40,7 @@ def text_files(paths: Iterable[str | Path]) -> list[Path]:
     for given in paths:
         path = Path(given).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            found = files_in(path, TEXT_SUFFIXES)
             if not found:
                 raise DataError(f"{path}: no {', '.join(TEXT_SUFFIXES)} files in this folder")
             files += found
@@ -55,17 +55,6 @@ def text_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; anything but a JSON object is an error."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            yield number, json_line(path, number, line)
-
-
 def read_texts(files: Iterable[Path], text_field: str = "text") -> list[str]:
     """The documents of the files: a .txt/.md file is one document, each JSONL line another."""
     texts = []
@@ -77,10 +66,7 @@ def read_texts(files: Iterable[Path], text_field: str = "text") -> list[str]:
                     raise DataError(f'{path}:{number}: no "{text_field}" string in this line')
                 texts.append(text)
         else:
-            try:
-                texts.append(path.read_text(encoding="utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            texts.append(read_text_file(path))
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError("the training data holds no text (every file or line is empty)")

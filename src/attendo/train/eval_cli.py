@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from attendo.cli import UsageError, add_generation_options, generation_settings, load_model
+from attendo.datafiles import read_json
 from attendo.errors import DataError
 from attendo.registry import DEFAULT_MODEL
 
@@ -192,10 +193,7 @@ def _setting(name: str, value: Any, where: str) -> Any:
 def _read_runs_file(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    try:
-        runs = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    runs = read_json(path)
     if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
         raise DataError(f"{path}: expected a non-empty JSON list of objects, one per run")
     checked = []

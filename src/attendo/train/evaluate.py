@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attendo.datafiles import read_jsonl
 from attendo.errors import DataError
 from attendo.model import Model
 
@@ -73,28 +74,10 @@ def read_examples(path: str | Path) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    examples = []
-    with path.open(encoding="utf-8") as lines:
-        try:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    examples.append(_example(json_line(path, number, line), path, number))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    examples = [_example(record, path, number) for number, record in read_jsonl(path)]
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     return examples
-
-
-def json_line(path: Path, number: int, line: str) -> dict[str, Any]:
-    """One JSONL line as an object, or a DataError naming file and line."""
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _example(record: dict[str, Any], path: Path, number: int) -> Example:

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attendo.datafiles import read_jsonl
 from attendo.errors import AttendoError, DataError
 from attendo.tokenizer import TextTokenizer
-from attendo.train.data import Example, read_jsonl
+from attendo.train.data import Example
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -159,17 +159,30 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
 # --- the directory -----------------------------------------------------------------------------
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically: a reader (or a crash) never sees half a file."""
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(temporary) beside path, then rename it over path: a reader (or a crash, or Ctrl-C)
+    never sees half a file, only the old one or the new one."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+
+
+def write_tokenizer(path: Path, tokenizer: TextTokenizer) -> None:
+    """tokenizer.json, as the tokenizers library writes it."""
+    write_atomically(path, lambda temporary: tokenizer.backend.save(str(temporary)))
 
 
 def tokenizer_files(tokenizer: TextTokenizer) -> dict[str, Any]:
@@ -202,8 +215,6 @@ def save_hf_directory(
     tensors = hf_tensors(weights, config, config_json["model_type"], source_names)
     write_safetensors(directory / "model.safetensors", tensors, {"format": "pt"})
     write_json(directory / "config.json", config_json)
-    temporary = directory / f".tokenizer.json.tmp-{os.getpid()}"
-    tokenizer.backend.save(str(temporary))
-    os.replace(temporary, directory / "tokenizer.json")
+    write_tokenizer(directory / "tokenizer.json", tokenizer)
     write_json(directory / "tokenizer_config.json", tokenizer_config or tokenizer_files(tokenizer))
     write_json(directory / "generation_config.json", generation_config)

@@ -41,7 +41,6 @@ merge_lora refuses there: load the base with dtype="float32" to merge.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -51,12 +50,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from attendo import optimize
+from attendo.datafiles import read_json
 from attendo.errors import AdapterError, CheckpointError
 from attendo.model import Model
+from attendo.train.export import write_json, write_safetensors
 from attendo.weights.names import CheckpointNames, Rule, only, rule_for
 from attendo.weights.safetensors_dir import PICKLE_SUFFIXES, read_safetensors_header, refuse_pickle
 
@@ -67,11 +68,14 @@ PEFT_PREFIX = "base_model.model."
 _TENSOR_NAME = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<part>[AB])\.weight$")
 TASK_TYPES = {"decoder": "CAUSAL_LM", "encoder-decoder": "SEQ_2_SEQ_LM", "encoder": "FEATURE_EXTRACTION"}
 ALL_LINEAR = "all-linear"
-# PEFT's own default targets per checkpoint naming: the attention's query and value projections.
+# PEFT's own default targets per checkpoint naming: the attention's query and value projections
+# (PEFT has none for phi3, whose q/k/v is one fused qkv_proj: name the targets).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"),
     "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"),
     "gpt2": ("c_attn",),
     "bloom": ("query_key_value",),
     "t5": ("q", "v"),
@@ -226,8 +230,9 @@ def save_adapter(model: Model, out_dir: str | Path, base_model: str | None = Non
         raise AdapterError("the model has no LoRA adapter to save (add_lora or load_adapter first)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(_adapter_config(model, parts, base_model), indent=2) + "\n")
+    # Each file replaced whole: training saves the adapter again at every checkpoint.
+    write_safetensors(out / WEIGHTS_FILE, adapter_state(model), metadata={"format": "pt"})
+    write_json(out / CONFIG_FILE, _adapter_config(model, parts, base_model))
     return out
 
 
@@ -301,10 +306,7 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
         raise AdapterError(f"{directory}: no such adapter directory")
     if not path.exists():
         raise AdapterError(f"{directory}: no {CONFIG_FILE} (not a PEFT adapter directory)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path, AdapterError)
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     if config.get("peft_type", "LORA") != "LORA":

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from attendo.datafiles import files_in, read_text_file
 from attendo.errors import DataError, InvalidSettingError, UnsupportedModelError
 from attendo.model import Model
 
@@ -46,20 +47,14 @@ def read_text(path: str | Path) -> str:
     """A text file, or a folder's .txt/.md files (in name order, recursively) joined by a blank line."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        files = files_in(path, TEXT_SUFFIXES)
         if not files:
             raise DataError(f"{path}: no {' or '.join(TEXT_SUFFIXES)} files in the folder")
     elif path.is_file():
-        files = [path]
+        files = [path]  # any name: a single file is scored whatever its suffix (wiki.test.raw)
     else:
         raise DataError(f"{path}: no such file or folder")
-    texts = []
-    for file in files:
-        try:
-            texts.append(file.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    text = "\n\n".join(t for t in texts if t.strip())
+    text = "\n\n".join(t for t in map(read_text_file, files) if t.strip())
     if not text.strip():
         raise DataError(f"{path}: no text to score (the file is empty)")
     return text

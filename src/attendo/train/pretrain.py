@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from attendo.config import ModelConfig
+from attendo.datafiles import read_json
 from attendo.errors import CheckpointError, DataError, InvalidSettingError, UnsupportedModelError
 from attendo.models import build_network
 from attendo.presets import preset
@@ -52,10 +53,7 @@ def initialise(network: nn.Module) -> None:
 
 def read_config(path: Path) -> dict[str, Any]:
     """A config file: ModelConfig fields as JSON (what ModelConfig.to_dict() writes)."""
-    try:
-        fields = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidSettingError(f"{path}: not a readable JSON config ({e})") from None
+    fields = read_json(path, InvalidSettingError)
     if not isinstance(fields, dict):
         raise InvalidSettingError(f"{path}: a config file is a JSON object of ModelConfig fields")
     fields.pop("extra", None)
@@ -113,7 +111,7 @@ def _tokenizer(out: Path, texts: list[str], vocab_size: int, source: str | None,
         else:
             made = train_bpe(texts, vocab_size)
         out.mkdir(parents=True, exist_ok=True)
-        made.backend.save(str(path))
+        export.write_tokenizer(path, made)
         export.write_json(settings_path, export.tokenizer_files(made))
     distributed.barrier(processes)
     if not path.exists():
