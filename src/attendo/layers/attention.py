@@ -2,7 +2,8 @@
 
 The fast path calls PyTorch's fused ``scaled_dot_product_attention``. The explicit path computes
 softmax(Q Kᵀ · scale + bias) V step by step and hands the attention weights to a recorder; the
-inspection tools use it, and tests check that both paths agree.
+inspection tools use it, and tests check that both paths agree. A compiled training step on
+the CPU takes the explicit path too (see attend), where it is the faster of the two.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from attendo.config import ModelConfig
 from attendo.layers.kv_cache import KVCache
 from attendo.layers.norm import make_norm
 from attendo.layers.positions import apply_rope
+
+# The longest compiled causal pass on the CPU that takes the explicit path: its score matrices
+# (batch, heads, tokens, tokens) stay small, and at 1024 tokens the fused kernel is as fast.
+WRITTEN_OUT_TOKENS = 512
 
 
 @dataclass
@@ -105,7 +110,14 @@ def attend(
     """q (batch, heads, queries, head_dim); k, v (batch, kv_heads, keys, head_dim). causal: the
     mask is the plain causal one (AttentionContext.causal)."""
     groups = q.shape[1] // k.shape[1]
-    if record is None:  # the fused kernel shares each key/value head among its query heads itself
+    # A compiled causal pass on the CPU (a training step) of at most WRITTEN_OUT_TOKENS takes the
+    # written-out products: the compiler fuses the mask and softmax around two batched matmuls,
+    # which run at matmul speed, while the CPU's fused kernel's backward is slow (a quarter of the
+    # step at 256 tokens). Longer passes keep the fused kernel, which never holds the score matrix.
+    written_out = (
+        causal and torch.compiler.is_compiling() and q.device.type == "cpu" and q.shape[2] <= WRITTEN_OUT_TOKENS
+    )
+    if record is None and not written_out:  # the fused kernel shares key/value heads itself
         if causal:  # it skips the keys above the diagonal: 30% less time at 1024 tokens
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
@@ -116,7 +128,8 @@ def attend(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = scores.softmax(dim=-1)
-    record.append(weights)
+    if record is not None:
+        record.append(weights)
     return weights.to(v.dtype) @ v
 
 
