@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from machine import describe, machine
 
-# name: (engine, precision, compiled)
+# name: (engine, precision, compiled); transformers runs SDPA attention unless the name says eager
 VARIANTS: dict[str, tuple[str, str, bool]] = {
     "attendo bfloat16": ("attendo", "bfloat16", False),
     "attendo bfloat16 --compile": ("attendo", "bfloat16", True),
@@ -52,6 +52,7 @@ VARIANTS: dict[str, tuple[str, str, bool]] = {
     "transformers bfloat16": ("transformers", "bfloat16", False),
     "transformers float32": ("transformers", "float32", False),
     "transformers bfloat16 compiled": ("transformers", "bfloat16", True),
+    "transformers bfloat16 compiled (eager attention)": ("transformers", "bfloat16", True),
 }
 DEFAULT_VARIANTS = (
     "attendo bfloat16", "attendo bfloat16 --compile", "attendo float32", "transformers bfloat16", "transformers float32",
@@ -134,7 +135,8 @@ def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     rows = PackedTokens(stream, SEQ_LEN)
     settings = _settings(spec)
     order = GlobalOrder(len(rows), BATCH, settings.seed)
-    model = LlamaForCausalLM.from_pretrained(shared / "start", attn_implementation="sdpa", dtype=torch.float32).train()
+    attention = "eager" if spec["name"].endswith("(eager attention)") else "sdpa"
+    model = LlamaForCausalLM.from_pretrained(shared / "start", attn_implementation=attention, dtype=torch.float32).train()
     forward = torch.compile(model) if spec["compiled"] else model
     optimizer = torch.optim.AdamW(
         parameter_groups(model, settings.weight_decay), lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=1e-8,
@@ -180,30 +182,32 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def peer_of(name: str) -> str:
-    """The transformers variant an attendo variant is compared with: eager, at the same precision."""
-    return f"transformers {VARIANTS[name][1]}"
+def peers_of(name: str) -> list[str]:
+    """The transformers variants an attendo variant is compared with: eager at the same precision
+    (the aim), and a compiled attendo also with compiled transformers."""
+    _, precision, compiled = VARIANTS[name]
+    compiled_peers = [f"transformers {precision} compiled", f"transformers {precision} compiled (eager attention)"]
+    return [f"transformers {precision}"] + (compiled_peers if compiled else [])
 
 
 def measure(threads: int, rounds: int, steps: int, warmup: int, variants: list[str]) -> dict[str, Any]:
-
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as shared:
         prepare(Path(shared))
         for round_number in range(rounds):
             for name in variants if round_number % 2 == 0 else variants[::-1]:
                 engine, precision, compiled = VARIANTS[name]
-                spec = {"engine": engine, "precision": precision, "compiled": compiled, "threads": threads,
+                spec = {"name": name, "engine": engine, "precision": precision, "compiled": compiled, "threads": threads,
                         "steps": steps, "warmup": warmup, "shared": shared}  # fmt: skip
                 runs[name].append(run_worker(spec))
                 print(f"round {round_number + 1}, {name}: {runs[name][-1]['tokens_per_s']:,.0f} tok/s", file=sys.stderr)
     results = {n: {k: _spread([r[k] for r in runs[n]]) for k in ("tokens_per_s", "peak_rss_mb")} for n in variants}
     ratios = {}
     for name in variants:
-        peer = peer_of(name)
-        if VARIANTS[name][0] == "attendo" and peer in runs:
-            per_round = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[name], runs[peer])]
-            ratios[f"{name} / {peer}"] = _spread(per_round)
+        for peer in peers_of(name) if VARIANTS[name][0] == "attendo" else []:
+            if peer in runs:
+                per_round = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[name], runs[peer])]
+                ratios[f"{name} / {peer}"] = _spread(per_round)
     return {
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {**machine(), "torch": torch.__version__},
@@ -222,13 +226,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"training speed, {w['preset']}, batch {w['batch']} x {w['seq_len']} tokens, {w['threads']} threads, "
         f"{w['steps']} timed steps after {w['warmup']}, median (min-max) of {report['rounds']} rounds",
         f"{describe(report['machine'])}; torch {report['machine']['torch']}",
-        f"{'variant':<32}{'tokens/s':>26}{'peak MB':>10}{'loss, step 1':>14}{'last step':>11}",
+        f"{'variant':<48}{'tokens/s':>26}{'peak MB':>10}{'loss, step 1':>14}{'last step':>11}",
     ]
     for name, result in report["results"].items():
         t, m = result["tokens_per_s"], result["peak_rss_mb"]
         losses = raw[name][0]["losses"]
         lines.append(
-            f"{name:<32}{t['median']:>10,.0f} ({t['min']:,.0f}-{t['max']:,.0f}){m['median']:>10,.0f}"
+            f"{name:<48}{t['median']:>10,.0f} ({t['min']:,.0f}-{t['max']:,.0f}){m['median']:>10,.0f}"
             f"{losses[0]:>14.5f}{losses[-1]:>11.4f}"
         )
     lines += [f"{name}: {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})" for name, r in report["ratios"].items()]
