@@ -7,7 +7,7 @@ Both sides do the same work, and the report shows it:
 - the same model: the llama-mini preset (dim 256, 4 layers, 4 query and 2 key/value heads, SwiGLU
   688, a 4096-token vocabulary tied to the head, about 4M parameters), with the same initial
   weights: attendo's initialisation, written once as a Hugging Face directory that
-  LlamaForCausalLM loads (attn_implementation="sdpa");
+  LlamaForCausalLM loads (attn_implementation="sdpa", or "eager" where the variant says so);
 - the same data: one tokenizer, one stream of token ids cut into rows of 256, the same rows in
   the same order at every step (attendo's GlobalOrder), 8 rows a step;
 - the same loss (mean cross-entropy of every next token; transformers is handed the shifted
