@@ -1,6 +1,6 @@
 """The playground's speed in a real browser, on the bundled SmolLM2-135M-Instruct.
 
-    /work/tools/cpu-exclusive .venv/bin/python benchmarks/bench_playground.py [--threads 2] [--moves 40]
+    .venv/bin/python benchmarks/bench_playground.py [--threads 2] [--moves 40]
 
 Starts `attendo serve` (a subprocess on a free loopback port, as bench_server.py does) and
 Debian's chromium through Playwright, generates a greedy completion in the page, opens the

@@ -1,25 +1,30 @@
 """Training speed: `attendo train` beside a plain transformers training loop, in one run.
 
-    .venv/bin/python benchmarks/bench_train.py [--threads 2] [--repeats 2] [--steps 12] [--warmup 3]
+    .venv/bin/python benchmarks/bench_train.py [--threads 2] [--rounds 5] [--steps 20] [--warmup 4]
 
-The same tiny LLaMA (the llama-mini preset: dim 256, 4 layers, 4 query and 2 key/value heads,
-SwiGLU 688, a 4096-token vocabulary tied to the head, about 4M parameters), the same batch (8
-sequences of 256 tokens), AdamW with the same hyperparameters, gradient clipping at 1, the same
-thread count:
+Both sides do the same work, and the report shows it:
 
-- attendo: `attendo train` itself (attendo.train.pretrain on a generated text corpus, no
-  evaluation or checkpoint inside the timed steps), in its default precision here (bfloat16
-  autocast where the CPU has AVX512-BF16 or AMX, else float32), in float32, and with
-  --compile (a compiled training step);
-- transformers: LlamaForCausalLM built from the same config (its default SDPA attention), a loop
-  of forward with labels, backward, clip, AdamW step; in float32 and under the same bfloat16
-  autocast.
+- the same model: the llama-mini preset (dim 256, 4 layers, 4 query and 2 key/value heads, SwiGLU
+  688, a 4096-token vocabulary tied to the head, about 4M parameters), with the same initial
+  weights: attendo's initialisation, written once as a Hugging Face directory that
+  LlamaForCausalLM loads (attn_implementation="sdpa", or "eager" where the variant says so);
+- the same data: one tokenizer, one stream of token ids cut into rows of 256, the same rows in
+  the same order at every step (attendo's GlobalOrder), 8 rows a step;
+- the same loss (mean cross-entropy of every next token; transformers is handed the shifted
+  labels, so neither side drops a position), the same AdamW, torch's fused kernel (two groups:
+  weight decay on the weight matrices only; the same learning-rate schedule; fused is what
+  transformers' Trainer uses by default with torch 2.8 or later), gradient clipping at 1, the same thread
+  count. The losses of every step are recorded: at float32 the two sides agree to a few 1e-5 at
+  the first step and stay close, which is the check that they train the same thing.
 
-Each variant runs in its own process, the variants take turns (every one once per repeat); a
-process times --steps optimizer steps after --warmup untimed ones (compiling happens there). The
-report: training tokens per second (median and range over repeats), peak memory of the process,
-and attendo's speed over transformers' at the same precision. JSON to --out
-(default benchmarks/results/train.json).
+attendo is `attendo train` itself (attendo.train.pretrain, no evaluation or checkpoint inside the
+timed steps; the progress bar and the log are); transformers is a loop of forward with labels,
+backward, clip, AdamW step. Each variant runs in its own process; one round runs every variant
+once (alternating the order from round to round), and the report gives for each variant the
+median tokens per second over rounds with the range, and for each attendo variant the ratio to
+transformers at the same precision *within each round* (median and range): this VM's speed
+drifts by up to 30% from minute to minute, and a ratio of neighbouring runs cancels most of it.
+JSON to --out (default benchmarks/results/train.json).
 """
 
 from __future__ import annotations
@@ -38,84 +43,123 @@ from typing import Any
 import torch
 from machine import describe, machine
 
-# (engine, precision, compiled)
+# name: (engine, precision, compiled); transformers runs SDPA attention unless the name says eager
 VARIANTS: dict[str, tuple[str, str, bool]] = {
-    "attendo": ("attendo", "auto", False),
+    "attendo bfloat16": ("attendo", "bfloat16", False),
+    "attendo bfloat16 --compile": ("attendo", "bfloat16", True),
     "attendo float32": ("attendo", "float32", False),
-    "attendo --compile": ("attendo", "auto", True),
-    "transformers float32": ("transformers", "float32", False),
+    "attendo float32 --compile": ("attendo", "float32", True),
     "transformers bfloat16": ("transformers", "bfloat16", False),
+    "transformers float32": ("transformers", "float32", False),
+    "transformers bfloat16 compiled": ("transformers", "bfloat16", True),
+    "transformers bfloat16 compiled (eager attention)": ("transformers", "bfloat16", True),
 }
-BATCH, SEQ_LEN, VOCAB = 8, 256, 4096
-HYPER = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+DEFAULT_VARIANTS = (
+    "attendo bfloat16", "attendo bfloat16 --compile", "attendo float32", "transformers bfloat16", "transformers float32",
+)  # fmt: skip
+PRESET, BATCH, SEQ_LEN, VOCAB = "llama-mini", 8, 256, 4096
+HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "clip": 1.0, "seed": 0}
 
 
-def _corpus(folder: Path) -> Path:
-    """Enough generated English-like text for every step to see new rows."""
+def _settings(spec: dict[str, Any]) -> Any:
+    from attendo.train.settings import TrainSettings
+
+    return TrainSettings(
+        steps=spec["warmup"] + spec["steps"], batch_size=BATCH, eval_every=10**6, save_every=10**6,
+        precision=spec["precision"], compile=spec["compiled"], **HYPER,
+    )  # fmt: skip
+
+
+def corpus() -> str:
+    """About 240k tokens of made-up words (1-4 syllables) drawn with Zipf's law, as words are:
+    enough variety that the byte-level BPE fills all 4096 entries of its vocabulary."""
     import random
 
-    from attendo.bench.workload import PASSAGE
-
-    words = PASSAGE.split()
     rng = random.Random(0)
-    lines = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(4000)]
-    path = folder / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+    words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(30000)})
+    rng.shuffle(words)
+    weights = [1 / rank for rank in range(1, len(words) + 1)]
+    return "\n".join(" ".join(rng.choices(words, weights, k=40)) for _ in range(4000))
+
+
+def prepare(folder: Path) -> None:
+    """The shared inputs: folder/corpus.txt and folder/start, a Hugging Face directory with a
+    tokenizer trained on the corpus and attendo's initial weights."""
+    from attendo.models import build_network
+    from attendo.train import export
+    from attendo.train.bpe import train_bpe
+    from attendo.train.checkpoint import full_weights
+    from attendo.train.pretrain import initialise, model_config
+
+    text = corpus()
+    (folder / "corpus.txt").write_text(text)
+    tokenizer = train_bpe([text], VOCAB)
+    if tokenizer.vocab_size != VOCAB:
+        raise RuntimeError(f"the corpus gave a vocabulary of {tokenizer.vocab_size}, not {VOCAB}")
+    config = model_config(tokenizer, SEQ_LEN, PRESET, None, {})
+    torch.manual_seed(HYPER["seed"])  # as attendo.train.pretrain draws its initial weights
+    network = build_network(config)
+    initialise(network)
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_ids[0]}
+    export.save_hf_directory(folder / "start", full_weights(network), config, tokenizer, export.hf_config(config), generation)
 
 
 def run_attendo(spec: dict[str, Any]) -> dict[str, Any]:
     from attendo.train.pretrain import pretrain
     from attendo.train.report import read_log
-    from attendo.train.settings import TrainSettings
 
+    shared = Path(spec["shared"])
     with tempfile.TemporaryDirectory() as scratch:
-        steps = spec["warmup"] + spec["steps"]
-        settings = TrainSettings(
-            steps=steps, batch_size=BATCH, lr=HYPER["lr"], beta1=HYPER["betas"][0], beta2=HYPER["betas"][1],
-            weight_decay=HYPER["weight_decay"], eval_every=10**6, save_every=10**6, precision=spec["precision"],
-            compile=spec["compiled"],
-        )  # fmt: skip
         out = Path(scratch) / "run"
-        pretrain([_corpus(Path(scratch))], out, settings, preset_name="llama-mini", seq_len=SEQ_LEN,
-                 vocab_size=VOCAB, eval_fraction=0.0)  # fmt: skip
-        timed = read_log(out)[spec["warmup"] :]
-        seconds = timed[-1]["elapsed"] - read_log(out)[spec["warmup"] - 1]["elapsed"]
-    return {"tokens_per_s": BATCH * SEQ_LEN * len(timed) / seconds}
+        pretrain([shared / "corpus.txt"], out, _settings(spec), preset_name=PRESET, seq_len=SEQ_LEN,
+                 tokenizer=str(shared / "start"), eval_fraction=0.0)  # fmt: skip
+        log = read_log(out)
+    timed = log[spec["warmup"] :]
+    seconds = timed[-1]["elapsed"] - log[spec["warmup"] - 1]["elapsed"]
+    return {"tokens_per_s": BATCH * SEQ_LEN * len(timed) / seconds, "losses": [line["loss"] for line in log]}
 
 
 def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from attendo.presets import preset
+    from attendo.loader import load_tokenizer
+    from attendo.train.data import GlobalOrder, PackedTokens
+    from attendo.train.loop import parameter_groups
+    from attendo.train.pretrain import documents_to_stream
+    from attendo.train.settings import learning_rate
 
-    mini = preset("llama-mini")
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=mini.dim, intermediate_size=mini.ffn_dim, num_hidden_layers=mini.n_layers,
-        num_attention_heads=mini.n_heads, num_key_value_heads=mini.n_kv_heads, max_position_embeddings=SEQ_LEN,
-        rms_norm_eps=mini.norm_eps, tie_word_embeddings=True,
+    shared = Path(spec["shared"])
+    tokenizer = load_tokenizer(shared / "start")
+    stream = documents_to_stream(tokenizer, [(shared / "corpus.txt").read_text()], tokenizer.token_to_id(tokenizer.eos_token))
+    rows = PackedTokens(stream, SEQ_LEN)
+    settings = _settings(spec)
+    order = GlobalOrder(len(rows), BATCH, settings.seed)
+    attention = "eager" if spec["name"].endswith("(eager attention)") else "sdpa"
+    model = LlamaForCausalLM.from_pretrained(shared / "start", attn_implementation=attention, dtype=torch.float32).train()
+    forward = torch.compile(model) if spec["compiled"] else model
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, settings.weight_decay), lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=1e-8,
+        fused=True,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), **HYPER)
-    generator = torch.Generator().manual_seed(0)
     autocast = spec["precision"] == "bfloat16"
 
-    def step() -> None:
-        ids = torch.randint(0, VOCAB, (BATCH, SEQ_LEN + 1), generator=generator)
+    def step(number: int) -> float:
+        batch = rows.batch(order.step(number))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(number, settings)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1].clone()).loss
+            loss = forward(input_ids=batch["tokens"], labels=batch["labels"], shift_labels=batch["labels"]).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
 
-    for _ in range(spec["warmup"]):
-        step()
+    losses = [step(number) for number in range(spec["warmup"])]
     started = time.perf_counter()
-    for _ in range(spec["steps"]):
-        step()
-    return {"tokens_per_s": BATCH * SEQ_LEN * spec["steps"] / (time.perf_counter() - started)}
+    losses += [step(number) for number in range(spec["warmup"], settings.steps)]
+    return {"tokens_per_s": BATCH * SEQ_LEN * spec["steps"] / (time.perf_counter() - started), "losses": losses}
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -138,33 +182,38 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def measure(threads: int, repeats: int, steps: int, warmup: int, variants: list[str]) -> dict[str, Any]:
+def peers_of(name: str) -> list[str]:
+    """The transformers variants an attendo variant is compared with: eager at the same precision
+    (the aim), and a compiled attendo also with compiled transformers."""
+    _, precision, compiled = VARIANTS[name]
+    compiled_peers = [f"transformers {precision} compiled", f"transformers {precision} compiled (eager attention)"]
+    return [f"transformers {precision}"] + (compiled_peers if compiled else [])
 
+
+def measure(threads: int, rounds: int, steps: int, warmup: int, variants: list[str]) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    for _ in range(repeats):
-        for name in variants:
-            engine, precision, compiled = VARIANTS[name]
-            spec = {"engine": engine, "precision": precision, "compiled": compiled, "threads": threads,
-                    "steps": steps, "warmup": warmup}  # fmt: skip
-            runs[name].append(run_worker(spec))
-            print(f"{name}: {runs[name][-1]['tokens_per_s']:.0f} tok/s", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as shared:
+        prepare(Path(shared))
+        for round_number in range(rounds):
+            for name in variants if round_number % 2 == 0 else variants[::-1]:
+                engine, precision, compiled = VARIANTS[name]
+                spec = {"name": name, "engine": engine, "precision": precision, "compiled": compiled, "threads": threads,
+                        "steps": steps, "warmup": warmup, "shared": shared}  # fmt: skip
+                runs[name].append(run_worker(spec))
+                print(f"round {round_number + 1}, {name}: {runs[name][-1]['tokens_per_s']:,.0f} tok/s", file=sys.stderr)
     results = {n: {k: _spread([r[k] for r in runs[n]]) for k in ("tokens_per_s", "peak_rss_mb")} for n in variants}
-    speed = {n: results[n]["tokens_per_s"]["median"] for n in variants}
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     ratios = {}
     for name in variants:
-        engine, precision, _ = VARIANTS[name]
-        if engine != "attendo":
-            continue
-        bf16 = precision == "bfloat16" or (precision == "auto" and (capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")))
-        peer = "transformers bfloat16" if bf16 else "transformers float32"
-        if peer in speed:
-            ratios[f"{name} / {peer}"] = speed[name] / speed[peer]
+        for peer in peers_of(name) if VARIANTS[name][0] == "attendo" else []:
+            if peer in runs:
+                per_round = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[name], runs[peer])]
+                ratios[f"{name} / {peer}"] = _spread(per_round)
     return {
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {**machine(), "torch": torch.__version__},
-        "workload": {"batch": BATCH, "seq_len": SEQ_LEN, "vocab": VOCAB, "threads": threads, "steps": steps, "warmup": warmup},
-        "repeats": repeats,
+        "workload": {"preset": PRESET, "batch": BATCH, "seq_len": SEQ_LEN, "vocab": VOCAB, "threads": threads,
+                     "steps": steps, "warmup": warmup},  # fmt: skip
+        "rounds": rounds,
         "results": results,
         "ratios": ratios,
         "raw": runs,
@@ -172,27 +221,31 @@ def measure(threads: int, repeats: int, steps: int, warmup: int, variants: list[
 
 
 def format_report(report: dict[str, Any]) -> str:
-    w = report["workload"]
+    w, raw = report["workload"], report["raw"]
     lines = [
-        f"training speed, llama-mini, batch {w['batch']} x {w['seq_len']} tokens, {w['threads']} threads, "
-        f"{w['steps']} timed steps after {w['warmup']}, median (min-max) of {report['repeats']} runs",
+        f"training speed, {w['preset']}, batch {w['batch']} x {w['seq_len']} tokens, {w['threads']} threads, "
+        f"{w['steps']} timed steps after {w['warmup']}, median (min-max) of {report['rounds']} rounds",
         f"{describe(report['machine'])}; torch {report['machine']['torch']}",
-        f"{'variant':<24}{'tokens/s':>28}{'peak MB':>12}",
+        f"{'variant':<48}{'tokens/s':>26}{'peak MB':>10}{'loss, step 1':>14}{'last step':>11}",
     ]
     for name, result in report["results"].items():
         t, m = result["tokens_per_s"], result["peak_rss_mb"]
-        lines.append(f"{name:<24}{t['median']:>10,.0f} ({t['min']:,.0f}-{t['max']:,.0f}){m['median']:>12,.0f}")
-    lines += [f"{name}: {ratio:.2f}x" for name, ratio in report["ratios"].items()]
+        losses = raw[name][0]["losses"]
+        lines.append(
+            f"{name:<48}{t['median']:>10,.0f} ({t['min']:,.0f}-{t['max']:,.0f}){m['median']:>10,.0f}"
+            f"{losses[0]:>14.5f}{losses[-1]:>11.4f}"
+        )
+    lines += [f"{name}: {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})" for name, r in report["ratios"].items()]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per process")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiling happens there)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=5, help="every variant runs once per round")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per process")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (compiling happens there)")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--out", default="benchmarks/results/train.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,7 +256,9 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}")
-    report = measure(args.threads, args.repeats, args.steps, args.warmup, variants)
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        parser.error("--warmup, --steps and --rounds must be at least 1")
+    report = measure(args.threads, args.rounds, args.steps, args.warmup, variants)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))

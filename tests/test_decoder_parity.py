@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import attendo
+from attendo.models import decoder
 from conftest import TINY_CONFIGS
 
 PROMPT = "Hello world! def add(a, b):"
@@ -101,3 +102,21 @@ def test_attention_maps_match_reference(pair):
         theirs = reference(ids, attention_mask=torch.ones_like(ids), output_attentions=True).attentions
     assert maps.shape == (model.config.n_layers, 2, model.config.n_heads, 9, 9)
     torch.testing.assert_close(maps, torch.stack(theirs), rtol=0, atol=1e-5)
+
+
+def test_pass_from_the_start_equals_the_same_pass_at_given_positions(pair, monkeypatch):
+    """Without positions the network takes the causal kernel and the RoPE table; with them, the
+    written-out mask and rotations computed per position. Both agree, also past the table's end."""
+    network = pair[0].network
+    monkeypatch.setattr(decoder, "ROPE_TABLE_POSITIONS", 5)
+    network.reset_tables()
+    try:
+        for length in (4, 9):  # within the table, and beyond it
+            ids = random_ids(network.config.vocab_size, batch=2, length=length, seed=6)
+            with torch.no_grad():
+                from_start = network(ids)
+                given = network(ids, torch.arange(length).expand(2, length))
+            torch.testing.assert_close(from_start, given, rtol=0, atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        network.reset_tables()

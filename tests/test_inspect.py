@@ -22,7 +22,7 @@ from attendo.inspect.attention import TooManyTokensError, attention_inputs, laye
 from attendo.inspect.datapath import data_path
 from attendo.inspect.geometry import geometry, pca
 from attendo.inspect.stages import stages_report
-from attendo.inspect.tokens import bytes_text, readable_tokens
+from attendo.inspect.tokens import bytes_text, readable_tokens, token_bytes
 from attendo.tokenizer import TextTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -44,6 +44,7 @@ def test_byte_level_tokens_of_an_emoji(tiny_llama):
     assert all("\ufffd" not in t for t in tokens)
     assert "".join(tokens) == "Hi <0xF0><0x9F><0x98><0x80> there"  # the leading spaces are kept
     assert readable_tokens(tiny_llama.tokenizer, tiny_llama.tokenizer.encode("<|im_end|>")) == ["<|im_end|>"]
+    assert b"".join(token_bytes(tiny_llama.tokenizer, ids)) == f"Hi {EMOJI} there".encode()
 
 
 def test_sentencepiece_style_tokens_keep_their_space_and_byte_pieces():
@@ -58,6 +59,7 @@ def test_sentencepiece_style_tokens_keep_their_space_and_byte_pieces():
     ids = tokenizer.encode(f"Hi {EMOJI}")
     assert tokenizer.token_text(ids[0]) == "Hi"  # what decoding alone shows: no space
     assert readable_tokens(tokenizer, ids) == [" Hi", " ", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    assert token_bytes(tokenizer, ids) == [b" Hi", b" ", b"\xf0", b"\x9f", b"\x98", b"\x80"]
 
 
 def test_wordpiece_tokens_are_shown_as_their_vocabulary_entries():

@@ -284,10 +284,23 @@ def test_chat_logprobs_streamed_and_not(client):
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy takes the top token
-        assert entry.bytes == list(entry.token.encode("utf-8"))
+    # a client joins the tokens' bytes to rebuild the text, pieces of a character included
+    assert bytes(b for entry in content for b in entry.bytes).decode() == result.choices[0].message.content
     chunks = list(client.chat.completions.create(**kwargs, stream=True))
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+
+
+def test_chat_logprobs_bytes_rebuild_a_character_split_over_tokens(client):
+    """An emoji is several byte-level tokens whose text alone is "\ufffd"; their bytes join into it."""
+    schema = {"type": "string", "enum": ["\U0001F600"]}
+    result = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=12, logprobs=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "face", "schema": schema}},
+    )
+    content = result.choices[0].logprobs.content
+    assert result.choices[0].message.content == '"\U0001F600"' and len(content) > 3
+    assert bytes(b for entry in content for b in entry.bytes).decode() == '"\U0001F600"'
 
 
 def test_chat_stream_framing_and_join(server, client):

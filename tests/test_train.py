@@ -187,3 +187,16 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, make, flags, message):
     code, error = _cli(capsys, *files, "--out", str(tmp_path / "out"), "--seq-len", "64", "--steps", "1", *flags)
     assert code == 2
     assert error.startswith("attendo: error:") and message in error and "\n" not in error
+
+
+def test_a_compiled_step_trains_as_the_eager_one(tmp_path):
+    """--compile takes other kernels (the written-out attention products among them); the losses
+    of every step, and so the weights after each, stay those of the eager step."""
+    data = _corpus(tmp_path / "data")
+    _train(data, tmp_path / "eager", steps=4, eval_every=100)
+    _train(data, tmp_path / "compiled", steps=4, eval_every=100, compile=True)
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    assert [r["step"] for r in compiled] == [1, 2, 3, 4]
+    for mine, reference in zip(compiled, eager):
+        assert mine["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+    assert compiled[-1]["loss"] < compiled[0]["loss"]

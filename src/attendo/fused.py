@@ -194,7 +194,7 @@ class FusedBlocks:
         if int(flat_positions.min()) < 0 or int(flat_positions.max()) >= limit or int(flat_slots.max()) >= cache.slots:
             raise IndexError(f"positions must lie in [0, {limit}) and slots in [0, {cache.slots})")
         # Each row's cos and sin, as the attention context computed them for the modules' path.
-        rows = [self._rows(pair, batch * tokens) for pair in (ctx.rope, ctx.sliding_rope)]
+        rows = [self._rows(pair, batch, tokens) for pair in (ctx.rope, ctx.sliding_rope)]
         rotations = _Rotations(*(_pointer(t) for pair in rows for t in pair))
         status = kernels.decoder_layers(
             self.layers, len(self.layers), x, flat_positions, flat_slots, rotations, keys, values, cache.max_len
@@ -204,11 +204,14 @@ class FusedBlocks:
         return x.view(batch, tokens, dim)
 
     @staticmethod
-    def _rows(rope: tuple[torch.Tensor, torch.Tensor] | None, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """cos, sin (batch, 1, tokens, rope_dims) as (rows, rope_dims) float32, contiguous."""
+    def _rows(
+        rope: tuple[torch.Tensor, torch.Tensor] | None, batch: int, tokens: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """cos, sin (batch or 1 for a shared table, 1, tokens, rope_dims) as (batch · tokens,
+        rope_dims) float32, contiguous."""
         if rope is None:
             return None, None
-        return tuple(t.reshape(rows, -1).float().contiguous() for t in rope)
+        return tuple(t.expand(batch, 1, tokens, -1).reshape(batch * tokens, -1).float().contiguous() for t in rope)
 
     def _cache_pointers(self, cache: KVCache) -> tuple[ctypes.Array, ctypes.Array]:
         """ctypes arrays of the cache's per-layer key and value tensors (made once per cache)."""

@@ -57,7 +57,7 @@ def describe(model: Model) -> dict[str, Any]:
         "vocabulary": c.vocab_size,
         "context window": c.context_length,
         "tied embeddings": c.tie_embeddings,
-        "weights in memory": ", ".join(f"{n} tensors {d}" for d, n in dtypes.most_common()),
+        "weights in memory": ", ".join(f"{n} tensor{'s' * (n != 1)} {d}" for d, n in dtypes.most_common()),
         "stop token ids": model.eos_token_ids,
         "chat template": "yes" if model.tokenizer.chat_template else "no",
     }

