@@ -103,6 +103,14 @@ def test_alone_batched_joined_and_chunked_give_the_same_logits(tiny_model, kind,
     assert_same_bits(model)
 
 
+
+def test_logits_of_prompts_together_equal_each_alone(tiny_model):
+    """model.logits without a cache (the fused blocks, with RoPE from the shared table)."""
+    model = attendo.load(tiny_model("llama-gqa")[0], dtype="q4_1")
+    prompts = [model.tokenizer.encode(text)[:5] for text in (TARGET, OTHERS[3], OTHERS[1])]
+    together = model.logits(prompts)
+    assert all(torch.equal(together[i], model.logits([p])[0]) for i, p in enumerate(prompts))
+
 @pytest.mark.parametrize("kind, weights", [("llama-gqa", "float32"), ("llama-gqa", "q4_1"), ("gpt2", "q8_0"), ("qwen2", "q4_0")])
 def test_the_modules_path_is_batch_invariant_too(tiny_model, kind, weights):
     """The blocks run as the Python modules do (what attention maps and training use)."""
