@@ -51,19 +51,20 @@ class RecordingBatch(Batch):
 
 def target_logits(model: attendo.Model, way: str) -> list[torch.Tensor]:
     """Each step's logits for TARGET (greedy), run one way: "alone", "batched" (with four others
-    added at once), "joined" (added after three steps of a running batch) or "chunked" (its
-    prompt prefilled three tokens at a time)."""
+    added at once), "joined" (added after three steps of a running batch), "chunked" (its
+    prompt prefilled three tokens at a time) or "grouped" (batched, and every prompt prefilled
+    three tokens at a time: the chunks of all five share each forward, shorter ones padded)."""
     encode = model.tokenizer.encode
     request = Request(encode(TARGET), SamplingSettings(), NEW_TOKENS)
     others = [Request(encode(text), SamplingSettings(), NEW_TOKENS + 4) for text in OTHERS]
-    slots = {"alone": 1, "chunked": 1, "batched": 5, "joined": 3}[way]
+    slots = {"alone": 1, "chunked": 1, "batched": 5, "grouped": 5, "joined": 3}[way]
     fixed = model.decode_step is not None  # a compiled step: a fixed-shape cache of 64 positions
     batch = RecordingBatch(
-        model.network, model.tokenizer, [], slots, 64, prefill_chunk=3 if way == "chunked" else 512,
+        model.network, model.tokenizer, [], slots, 64, prefill_chunk=3 if way in ("chunked", "grouped") else 512,
         decode_step=model.decode_step,
     )  # fmt: skip
     assert batch.cache.fixed_shapes == fixed
-    if way == "batched":
+    if way in ("batched", "grouped"):
         for other in others[:2]:
             batch.add(other)
     if way == "joined":
@@ -72,7 +73,7 @@ def target_logits(model: attendo.Model, way: str) -> list[torch.Tensor]:
         for _ in range(3):
             batch.step()
     target = batch.add(request)
-    if way == "batched":
+    if way in ("batched", "grouped"):
         for other in others[2:]:
             batch.add(other)
     while batch.busy:
@@ -80,7 +81,7 @@ def target_logits(model: attendo.Model, way: str) -> list[torch.Tensor]:
     return batch.logits[id(target)]
 
 
-def assert_same_bits(model: attendo.Model, ways=("batched", "joined", "chunked")) -> None:
+def assert_same_bits(model: attendo.Model, ways=("batched", "joined", "chunked", "grouped")) -> None:
     alone = target_logits(model, "alone")
     assert len(alone) == NEW_TOKENS
     for way in ways:
@@ -102,6 +103,20 @@ def test_alone_batched_joined_and_chunked_give_the_same_logits(tiny_model, kind,
         assert fused.unfusable(model.network) is None
     assert_same_bits(model)
 
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_forward(tiny_model):
+    """What the "grouped" way above checks bit for bit is one forward per step: five prompts of
+    different lengths, their first chunks (3 tokens at most) padded to one (5, 3) batch."""
+    model = attendo.load(tiny_model("llama-gqa")[0], dtype="q4_1")
+    shapes = []
+    hook = model.network.register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
+    batch = Batch(model.network, model.tokenizer, [], 5, 64, prefill_chunk=3)
+    for text in [TARGET, *OTHERS]:
+        batch.add(Request(model.tokenizer.encode(text), SamplingSettings(), 2))
+    batch.step()
+    hook.remove()
+    assert shapes == [(5, 3)]
 
 
 def test_logits_of_prompts_together_equal_each_alone(tiny_model):

@@ -3,8 +3,8 @@
 A `Batch` owns all generation state (KV cache slots, positions, per-sequence sampler state), so
 the same loop serves one prompt, a list of prompts, and a server that adds and cancels requests
 while others are running (continuous batching): a sequence joins at the next step, its prompt
-is prefilled in bounded chunks so it does not stall the others, and a finished one frees its slot
-at once.
+is prefilled in bounded chunks so it does not stall the others (the prompts waiting at a step
+share one forward), and a finished one frees its slot at once.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from attendo.prompting.grammar import Grammar, GrammarState
 
 FinishReason = Literal["stop", "length"]
+# Padded prompt tokens per prefill forward: the modules' path holds attention scores of
+# (prompts, heads, tokens, cache length) for it.
+PREFILL_GROUP_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class Sequence:
             prompt_token_ids=list(self.request.prompt_ids),
             logprobs=list(self.logprobs) if self.request.logprobs is not None else None,
         )
+
+
+_Chunk = tuple[Sequence, int, int]  # a prompt's next chunk: its sequence, start, end
 
 
 @dataclass(frozen=True)
@@ -173,26 +179,60 @@ class Batch:
             sequence = self.waiting.popleft()
             sequence.slot = self.free_slots.pop(0)
             self.prefilling.append(sequence)
-        for sequence in list(self.prefilling):
-            logits = self._prefill_chunk(sequence)
-            if logits is not None:
-                self.prefilling.remove(sequence)
-                self.decoding.append(sequence)
-                events.append(self._accept(sequence, logits))
+        if self.prefilling:
+            events += self._prefill()
         return events
 
-    def _prefill_chunk(self, sequence: Sequence) -> torch.Tensor | None:
-        """Run the next chunk of the prompt; the last chunk returns the next-token logits."""
-        prompt = sequence.request.prompt_ids
-        start, end = sequence.prefilled, min(sequence.prefilled + self.prefill_chunk, len(prompt))
-        tokens = torch.tensor([prompt[start:end]])
-        positions = torch.arange(start, end)[None]
-        last = torch.tensor([end - start - 1])
-        logits = self.network(
-            tokens, positions, cache=self.cache, slots=torch.tensor([sequence.slot]), logits_index=last
+    def _prefill(self) -> list[Event]:
+        """The next chunk of every prompt being prefilled, several prompts to a forward; a prompt
+        whose last chunk has run joins the decoding ones with its first token."""
+        chunks = [(s, s.prefilled, min(s.prefilled + self.prefill_chunk, len(s.request.prompt_ids))) for s in self.prefilling]
+        events = []
+        for group in self._prefill_groups(chunks):
+            logits = self._prefill_together(group)
+            for (sequence, _, end), row in zip(group, logits):
+                sequence.prefilled = end
+                if end == len(sequence.request.prompt_ids):
+                    self.prefilling.remove(sequence)
+                    self.decoding.append(sequence)
+                    events.append(self._accept(sequence, row))
+        return events
+
+    def _prefill_groups(self, chunks: list[_Chunk]) -> Iterator[list[_Chunk]]:
+        """Chunks in groups of at most PREFILL_GROUP_TOKENS once padded to the longest; a chunk
+        whose padding would pass the end of the cache goes alone."""
+        limit = min(self.max_len, self.network.config.context_length)
+        group: list[_Chunk] = []
+        for chunk in chunks:
+            widest = max(end - start for _, start, end in [*group, chunk])
+            fits = all(start + widest <= limit for _, start, _ in [*group, chunk])
+            if group and (not fits or (len(group) + 1) * widest > PREFILL_GROUP_TOKENS):
+                yield group
+                group = []
+            group.append(chunk)
+        if group:
+            yield group
+
+    def _prefill_together(self, group: list[_Chunk]) -> torch.Tensor:
+        """Run the chunks as one forward; returns each one's next-token logits (rows, vocab).
+
+        Shorter chunks are padded with their last token at the positions after it: those keys
+        land where the prompt's next chunk or its first generated token is written before any
+        query may read them, and every row is computed on its own (the kernels' products and
+        attention are batch-invariant), so each prompt gets the bits it would get alone."""
+        widest = max(end - start for _, start, end in group)
+        tokens, positions = [], []
+        for sequence, start, end in group:
+            ids = sequence.request.prompt_ids[start:end]
+            tokens.append(ids + ids[-1:] * (widest - len(ids)))
+            positions.append(range(start, start + widest))
+        return self.network(
+            torch.tensor(tokens),
+            torch.tensor(positions),
+            cache=self.cache,
+            slots=torch.tensor([sequence.slot for sequence, _, _ in group]),
+            logits_index=torch.tensor([end - start - 1 for _, start, end in group]),
         )
-        sequence.prefilled = end
-        return logits[0] if end == len(prompt) else None
 
     def _decode(self) -> list[Event]:
         running = list(self.decoding)
