@@ -12,7 +12,7 @@ own loops for norms, RoPE and activations), with every row on its own: batch-inv
 not bit-identical to the modules' torch path. So one model uses one path for everything it
 generates: prefill, decode, ``logits`` alike. A forward the C code cannot take runs the blocks
 as usual: one that records attention weights, needs gradients, is not float32, has no KV cache
-and custom positions, or a block whose modules changed since the plan was made (a LoRA adapter,
+and custom positions, a cache in another dtype than float32, float16 or bfloat16, or a block whose modules changed since the plan was made (a LoRA adapter,
 say) or are of a kind the C code does not know (``unfusable`` says why).
 """
 
@@ -63,6 +63,7 @@ class _Rotations(ctypes.Structure):
 
 
 _NO_ROPE, _GLOBAL_ROPE, _SLIDING_ROPE = 0, 1, 2
+CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what decoder.c keeps keys and values in
 
 
 class Unfusable(Exception):
@@ -173,7 +174,7 @@ class FusedBlocks:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.network.parameters())):
             return False
-        return ctx.cache is None or ctx.cache.keys[0].dtype == torch.float32
+        return ctx.cache is None or ctx.cache.keys[0].dtype in CACHE_DTYPES
 
     def current(self) -> bool:
         """Whether the blocks still hold the modules this plan read."""
@@ -197,7 +198,8 @@ class FusedBlocks:
         rows = [self._rows(pair, batch, tokens) for pair in (ctx.rope, ctx.sliding_rope)]
         rotations = _Rotations(*(_pointer(t) for pair in rows for t in pair))
         status = kernels.decoder_layers(
-            self.layers, len(self.layers), x, flat_positions, flat_slots, rotations, keys, values, cache.max_len
+            self.layers, len(self.layers), x, flat_positions, flat_slots, rotations, keys, values, cache.max_len,
+            cache.keys[0].dtype,
         )
         if status != 0:
             raise MemoryError("the fused decoder ran out of memory")

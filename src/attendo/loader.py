@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as Q
 
 from attendo import kernels, optimize
 from attendo.config import ModelConfig
-from attendo.errors import CheckpointError, UnsupportedModelError
+from attendo.errors import CheckpointError, InvalidSettingError, UnsupportedModelError
 from attendo.facades import make_model
 from attendo.model import Model
 from attendo.models import build_network
@@ -46,6 +46,16 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         choices = ", ".join([*_DTYPES, *optimize.QUANTIZED_FORMATS])
         raise UnsupportedModelError(f"dtype {dtype!r} is not supported (use one of {choices})")
     return _DTYPES[dtype]
+
+
+def parse_cache_dtype(kv_cache_dtype: str | None) -> torch.dtype | None:
+    """The KV cache's dtype by name; None: the activations' (float32 unless the weights are
+    float16 or bfloat16)."""
+    if kv_cache_dtype is None:
+        return None
+    if kv_cache_dtype not in _DTYPES:
+        raise InvalidSettingError(f"kv_cache_dtype {kv_cache_dtype!r} is not supported (use one of {', '.join(_DTYPES)})")
+    return _DTYPES[kv_cache_dtype]
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -145,7 +155,12 @@ def _block_of(parameter_name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def load(source: str | Path, dtype: torch.dtype | str | None = None, adapter: str | Path | None = None) -> Model:
+def load(
+    source: str | Path,
+    dtype: torch.dtype | str | None = None,
+    adapter: str | Path | None = None,
+    kv_cache_dtype: str | None = None,
+) -> Model:
     """Load a model from a registered name, a Hugging Face-format directory, or a .gguf file.
 
     adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors,
@@ -160,9 +175,15 @@ def load(source: str | Path, dtype: torch.dtype | str | None = None, adapter: st
     - "float32" (a GGUF file fully dequantized: the exact reference), "float16", "bfloat16".
     - "int8" or "int4" (or by ggml's names "q8_0", "q4_0", "q4_1"): weight-only quantization
       of every matrix while loading.
+
+    kv_cache_dtype: what a decoder-only model's KV cache keeps keys and values in: "float32",
+    "float16" or "bfloat16" (llama.cpp's --cache-type-k, vLLM's --kv-cache-dtype); None: the
+    activations' dtype. A 16-bit cache rounds each key and value once and halves the bytes a
+    decode step reads per cached token, which at a server's batch of 16 is as much as the weights.
     """
     path = resolve(source)
     torch_dtype = parse_dtype(dtype)
+    cache_dtype = parse_cache_dtype(kv_cache_dtype)
     checkpoint = read_checkpoint(path)
     config = config_from_hf(checkpoint.hf_config, path)
     model_type, available = checkpoint.hf_config["model_type"], checkpoint.tensors.shapes()
@@ -184,6 +205,10 @@ def load(source: str | Path, dtype: torch.dtype | str | None = None, adapter: st
         quantize(network)  # what is left: the embedding and the LM head
     network.reset_tables()
     network.eval()
+    if cache_dtype is not None:
+        if not hasattr(network, "kv_cache_dtype"):
+            raise InvalidSettingError(f"kv_cache_dtype applies to decoder-only models; {path.name} is {config.family}")
+        network.kv_cache_dtype = cache_dtype
     model = make_model(network, _tokenizer(checkpoint, path), _generation_defaults(checkpoint, config), path)
     model.checkpoint_names = CheckpointNames(model_type, rules, available)
     if adapter is not None:

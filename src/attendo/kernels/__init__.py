@@ -120,7 +120,7 @@ def library(flags: tuple[str, ...] = NATIVE) -> ctypes.CDLL | str:
         "attendo_matmul": (c_int, [c_int, c_ptr, c_int, c_int, c_int, c_ptr, c_int, c_ptr, c_int, c_int]),
         "attendo_dequantize": (c_int, [c_int, c_ptr, c_int, c_int, c_ptr, c_int, c_ptr, c_int]),
         "attendo_attention": (c_int, [c_ptr] * 10 + [c_int] * 6 + [c_float, c_ptr, c_int]),
-        "attendo_decoder_layers": (c_int, [c_ptr, c_int, c_ptr, c_int, c_ptr, c_ptr, c_ptr, c_ptr, c_ptr, c_int, c_int]),
+        "attendo_decoder_layers": (c_int, [c_ptr, c_int, c_ptr, c_int, c_ptr, c_ptr, c_ptr, c_ptr, c_ptr, c_int, c_int, c_int]),
     }
     for name, (result, arguments) in signatures.items():
         function = getattr(loaded, name)
@@ -230,13 +230,15 @@ def dequantize(
 
 def decoder_layers(
     layers: ctypes.Array, n_layers: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-    rotations: ctypes.Structure, keys: ctypes.Array, values: ctypes.Array, max_len: int,
+    rotations: ctypes.Structure, keys: ctypes.Array, values: ctypes.Array, max_len: int, cache_dtype: torch.dtype,
 ) -> int:
     """x (rows, dim) float32 through decoder.c's layers in place (attendo.fused builds the
-    arguments and checks them); 0, or -1 when memory ran out. Needs available()."""
+    arguments and checks them); the cache's keys and values are float32, float16 or bfloat16.
+    0, or -1 when memory ran out. Needs available()."""
     return _loaded().attendo_decoder_layers(
         ctypes.addressof(layers), n_layers, x.data_ptr(), x.shape[0], positions.data_ptr(), slots.data_ptr(),
-        ctypes.addressof(rotations), ctypes.addressof(keys), ctypes.addressof(values), max_len, torch.get_num_threads(),
+        ctypes.addressof(rotations), ctypes.addressof(keys), ctypes.addressof(values), max_len,
+        _FLOAT_FORMATS[cache_dtype], torch.get_num_threads(),
     )  # fmt: skip
 
 

@@ -158,6 +158,58 @@ static void rotate(float *head, const float *cos, const float *sin, int rope_dim
     }
 }
 
+/* ---- a 16-bit key/value cache --------------------------------------------------------------
+   The cache may hold float16 or bfloat16 (format F16 or BF16) instead of float32: half the bytes
+   every decode step reads per cached token. A key or value is rounded once when it is written
+   (to nearest, ties to even: what torch's .to() does) and widened, exactly, into a float32
+   scratch copy when attention reads it, so attention.c computes on floats as before and a row's
+   result still depends on its own keys only. */
+
+/* float → float16 or bfloat16 bits, rounded to nearest even (no F16C: by hand) */
+static uint16_t narrow1(int format, float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if (format == BF16) {
+        if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+        return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+    }
+#ifdef __F16C__
+    return (uint16_t)_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
+#else
+    const uint16_t sign = (uint16_t)((bits >> 16) & 0x8000);
+    const uint32_t magnitude = bits & 0x7fffffff;
+    if (magnitude > 0x7f800000) return sign | 0x7e00;                        /* NaN */
+    if (magnitude >= 0x477ff000) return sign | 0x7c00;                       /* rounds past 65504: inf */
+    if (magnitude < 0x38800000) {                                            /* a subnormal half, or 0 */
+        const float scaled = fabsf(x) * 16777216.0f;                         /* in units of 2^-24: exact */
+        return sign | (uint16_t)lrintf(scaled);                              /* lrintf: nearest even */
+    }
+    const uint32_t rounded = magnitude + 0xfff + ((magnitude >> 13) & 1);
+    return sign | (uint16_t)((rounded - 0x38000000) >> 13);
+#endif
+}
+
+static float widen1(int format, uint16_t h) { return format == BF16 ? bf16_to_float(h) : half_to_float(h); }
+
+/* out[0..n) as `format` (n a multiple of 8 on the vector path) */
+static void narrow(int format, const float *x, int n, uint16_t *out) {
+    int i = 0;
+#ifdef __AVX2__
+    if (format == F16)
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) out[i] = narrow1(format, x[i]);
+}
+
+static void widen(int format, const uint16_t *x, size_t n, float *out) {
+    size_t i = 0;
+#ifdef __AVX2__
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, format == BF16 ? load8_bf16(x + i) : load8_half(x + i));
+#endif
+    for (; i < n; i++) out[i] = widen1(format, x[i]);
+}
+
 /* ---- the projections --------------------------------------------------------------------- */
 
 /* The rounded copies of x a projection's parts need (one per activation format). */
@@ -196,10 +248,19 @@ typedef struct {
     int group_heads; /* whether a task also takes the heads that share a key/value head */
 } Scratch;
 
+/* The cache of one layer: keys and values (slots x kv_heads x max_len x head_dim) as `format`
+   (F32, F16 or BF16); wide: room for one key/value head's max_len keys and values as float32,
+   the thread's own (used when the cache is 16-bit). */
+typedef struct {
+    void *keys, *values;
+    int format, max_len;
+    float *wide_keys, *wide_values;
+} Cache;
+
 static void attention_block(const Layer *L, float *x, int rows, const int64_t *positions, const int64_t *slots,
-                            const Rotations *rotations, float *k_cache, float *v_cache, int max_len, Scratch *s,
-                            float *scores) {
-    const int hd = L->head_dim, q_width = L->heads * hd, kv_width = L->kv_heads * hd;
+                            const Rotations *rotations, const Cache *c, Scratch *s, float *scores) {
+    const int hd = L->head_dim, q_width = L->heads * hd, kv_width = L->kv_heads * hd, max_len = c->max_len;
+    const size_t element = c->format == F32 ? sizeof(float) : sizeof(uint16_t);
     const size_t slot_stride = (size_t)L->kv_heads * max_len * hd, head_stride = (size_t)max_len * hd;
 #pragma omp for schedule(static)
     for (int r = 0; r < rows; r++) normalize(&L->attn_norm, x + (size_t)r * L->dim, L->dim, s->normed + (size_t)r * L->dim);
@@ -229,9 +290,14 @@ static void attention_block(const Layer *L, float *x, int rows, const int64_t *p
             rotate(head, cos + (size_t)r * L->rope_dims, sin + (size_t)r * L->rope_dims, L->rope_dims);
         }
         if (is_key) {
-            const size_t at = slots[r] * slot_stride + (h - L->heads) * head_stride + position * hd;
-            memcpy(k_cache + at, head, sizeof(float) * hd);
-            memcpy(v_cache + at, head + kv_width, sizeof(float) * hd);
+            const size_t at = (slots[r] * slot_stride + (h - L->heads) * head_stride + position * hd) * element;
+            if (c->format == F32) {
+                memcpy((char *)c->keys + at, head, sizeof(float) * hd);
+                memcpy((char *)c->values + at, head + kv_width, sizeof(float) * hd);
+            } else {
+                narrow(c->format, head, hd, (uint16_t *)((char *)c->keys + at));
+                narrow(c->format, head + kv_width, hd, (uint16_t *)((char *)c->values + at));
+            }
         }
     }
     /* the implicit barrier: every key of this step is in the cache before any query reads it */
@@ -257,7 +323,21 @@ static void attention_block(const Layer *L, float *x, int rows, const int64_t *p
             out[i] = s->attended + (size_t)r * q_width + head * hd;
         }
         const size_t base = slots[start] * slot_stride + kv * head_stride;
-        attend_tile(n * width, q, first, last, position, k_cache + base, hd, v_cache + base, hd, hd, L->scale,
+        const float *keys = (const float *)c->keys + base, *values = (const float *)c->values + base;
+        if (c->format != F32) {
+            /* the keys attend_tile reads, [first key / 8 · 8, last key], widened */
+            int lo = first[0], hi = last[0];
+            for (int i = 1; i < n * width; i++) {
+                lo = first[i] < lo ? first[i] : lo;
+                hi = last[i] > hi ? last[i] : hi;
+            }
+            const size_t from = (size_t)(lo / 8 * 8) * hd, count = (size_t)(hi + 1) * hd - from;
+            widen(c->format, (const uint16_t *)c->keys + base + from, count, c->wide_keys + from);
+            widen(c->format, (const uint16_t *)c->values + base + from, count, c->wide_values + from);
+            keys = c->wide_keys;
+            values = c->wide_values;
+        }
+        attend_tile(n * width, q, first, last, position, keys, hd, values, hd, hd, L->scale,
                     L->alibi ? L->alibi[h] : 0.0f, scores, max_len + 16, out);
     }
     project(&L->out, s->attended, rows, &s->rounded, s->projected);
@@ -303,6 +383,7 @@ static int dim_of(const Layer *L) { return L->dim; }
 static int wide_of(const Layer *L) { return L->qkv.out > L->up.out ? L->qkv.out : L->up.out; }
 static int attended_of(const Layer *L) { return L->heads * L->head_dim; }
 static int ffn_of(const Layer *L) { return L->ffn; }
+static int head_dim_of(const Layer *L) { return L->head_dim; }
 static int widest_input(const Layer *L) {
     int widest = L->dim > L->ffn ? L->dim : L->ffn;
     return widest > L->heads * L->head_dim ? widest : L->heads * L->head_dim;
@@ -310,10 +391,11 @@ static int widest_input(const Layer *L) {
 
 /* x (rows x dim) through every layer, in place. Row r is the token at positions[r] of the
    sequence in cache slot slots[r]; layer l's keys and values go to k_caches[l], v_caches[l]
-   (slots x kv_heads x max_len x head_dim, float32). Returns 0, or -1 when memory runs out. */
+   (slots x kv_heads x max_len x head_dim, of cache_format: F32, F16 or BF16). Returns 0, or -1
+   when memory runs out. */
 int attendo_decoder_layers(const Layer *layers, int n_layers, float *x, int rows, const int64_t *positions,
-                           const int64_t *slots, const Rotations *rotations, float *const *k_caches,
-                           float *const *v_caches, int max_len, int threads) {
+                           const int64_t *slots, const Rotations *rotations, void *const *k_caches,
+                           void *const *v_caches, int max_len, int cache_format, int threads) {
     const size_t dim = largest(layers, n_layers, dim_of), wide = largest(layers, n_layers, wide_of);
     const size_t attended = largest(layers, n_layers, attended_of), ffn = largest(layers, n_layers, ffn_of);
     const size_t input = largest(layers, n_layers, widest_input);
@@ -347,18 +429,21 @@ int attendo_decoder_layers(const Layer *layers, int n_layers, float *x, int rows
 #pragma omp parallel num_threads(threads)
         {
             float *scores = malloc(sizeof(float) * (max_len + 16) * TILE_QUERIES);
-            if (scores == NULL) {
+            const size_t wide = cache_format == F32 ? 0 : (size_t)max_len * largest(layers, n_layers, head_dim_of);
+            float *widened = wide ? malloc(sizeof(float) * 2 * wide) : NULL;
+            if (scores == NULL || (wide && widened == NULL)) {
 #pragma omp atomic write
                 failed = 1;
             }
 #pragma omp barrier
             if (!failed)
                 for (int l = 0; l < n_layers; l++) {
-                    attention_block(&layers[l], x, rows, positions, slots, rotations, k_caches[l], v_caches[l], max_len, &s,
-                                    scores);
+                    const Cache cache = {k_caches[l], v_caches[l], cache_format, max_len, widened, widened ? widened + wide : NULL};
+                    attention_block(&layers[l], x, rows, positions, slots, rotations, &cache, &s, scores);
                     mlp_block(&layers[l], x, rows, &s);
                 }
             free(scores);
+            free(widened);
         }
     }
     free(floats);

@@ -14,6 +14,10 @@ class KVCache:
     because a query at position p only sees keys at positions <= p, all written by then. This is
     what lets sequences of different lengths share one batch and one cache without left padding.
 
+    The cache may keep another dtype than the activations' (a float16 cache for float32
+    activations, say): a key or value is rounded once when written, and read back in the
+    activations' dtype.
+
     A cache with ``fixed_shapes`` is read whole (kv_len = max_len) at every step: slightly more
     attention work, but every decode step has the same shapes, so torch.compile compiles it once.
     """
@@ -50,15 +54,17 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys/values (batch, kv_heads, tokens, head_dim) at positions (batch, tokens) of
         the given slots (batch,) – None means slots 0..batch-1 – and return the keys and values of
-        those slots over positions [0, kv_len)."""
+        those slots over positions [0, kv_len), in the dtype of the keys given."""
         batch = keys.shape[0]
         rows = torch.arange(batch, device=keys.device) if slots is None else slots
         # Advanced indices on dims 0 and 2 move to the front: the target is (batch, tokens, heads, dim).
         self.keys[layer][rows[:, None], :, positions] = keys.transpose(1, 2).to(self.keys[layer].dtype)
         self.values[layer][rows[:, None], :, positions] = values.transpose(1, 2).to(self.values[layer].dtype)
         if slots is None:
-            return self.keys[layer][:batch, :, :kv_len], self.values[layer][:batch, :, :kv_len]
-        return self.keys[layer][slots, :, :kv_len], self.values[layer][slots, :, :kv_len]
+            cached = self.keys[layer][:batch, :, :kv_len], self.values[layer][:batch, :, :kv_len]
+        else:
+            cached = self.keys[layer][slots, :, :kv_len], self.values[layer][slots, :, :kv_len]
+        return cached[0].to(keys.dtype), cached[1].to(keys.dtype)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Slot i takes the contents of slot rows[i] (beam search: each beam continues the one it

@@ -29,6 +29,7 @@ class ServerSettings:
     prefill_chunk: int = 256  # prompt tokens prefilled per sequence per step
     max_body_bytes: int = 4 * 2**20
     dtype: str | None = None
+    kv_cache_dtype: str | None = None  # see attendo.load
     shutdown_grace: float = 30.0  # seconds open generations may run on after SIGTERM
     # LoRA adapters served as models of their own on the first of `models`: name -> adapter directory.
     adapters: dict[str, str] = field(default_factory=dict)
@@ -91,9 +92,9 @@ class ServedModels:
             return self.loader(name, self.settings.dtype)
         from attendo.loader import load
 
-        if name in self.settings.adapters:
-            return load(self.settings.models[0], dtype=self.settings.dtype, adapter=self.settings.adapters[name])
-        return load(name, dtype=self.settings.dtype)
+        s = self.settings
+        adapter = s.adapters.get(name)
+        return load(s.models[0] if adapter else name, dtype=s.dtype, adapter=adapter, kv_cache_dtype=s.kv_cache_dtype)
 
     def _serve(self, name: str, model: Model) -> Served:
         s = self.settings
