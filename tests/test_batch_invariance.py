@@ -44,9 +44,9 @@ class RecordingBatch(Batch):
         super().__init__(*args, **kwargs)
         self.logits: dict[int, list[torch.Tensor]] = {}
 
-    def _accept(self, sequence, logits):
+    def _accept(self, sequence, logits, token=None):
         self.logits.setdefault(id(sequence), []).append(logits.clone())
-        return super()._accept(sequence, logits)
+        return super()._accept(sequence, logits, token)
 
 
 def target_logits(model: attendo.Model, way: str) -> list[torch.Tensor]:
@@ -117,6 +117,25 @@ def test_prompts_waiting_together_are_prefilled_in_one_forward(tiny_model):
     batch.step()
     hook.remove()
     assert shapes == [(5, 3)]
+
+
+def test_sampled_sequences_draw_the_same_tokens_alone_and_batched(tiny_model):
+    """Rows that sample with the same settings but their own seeds are drawn together in a batch
+    (one softmax over the batch's rows): each still gets the tokens it gets alone."""
+    model = attendo.load(tiny_model("llama-gqa")[0], dtype="q4_1")
+    settings = [SamplingSettings(do_sample=True, temperature=0.9, top_p=0.95, seed=seed) for seed in range(4)]
+    requests = [Request(model.tokenizer.encode(text), s, 8) for text, s in zip(OTHERS, settings)]
+
+    def tokens(requests: list[Request]) -> list[list[int]]:
+        batch = Batch(model.network, model.tokenizer, [], len(requests), 64)
+        sequences = [batch.add(request) for request in requests]
+        while batch.busy:
+            batch.step()
+        return [s.generated for s in sequences]
+
+    together = tokens(requests)
+    assert together == [tokens([request])[0] for request in requests]
+    assert len({tuple(t) for t in together}) == 4
 
 
 def test_logits_of_prompts_together_equal_each_alone(tiny_model):

@@ -19,6 +19,7 @@ from attendo.generation.sampler import (
     apply_temperature,
     argmax,
     draw,
+    draw_each,
     make_generator,
     mask_tokens,
     min_p_filter,
@@ -209,6 +210,22 @@ def test_same_seed_same_draws() -> None:
 
     assert run(99) == run(99)
     assert run(99) != run(100)
+
+
+@pytest.mark.parametrize("settings", [
+    SamplingSettings(do_sample=True, temperature=0.7),
+    SamplingSettings(do_sample=True, temperature=1.3, top_k=40, top_p=0.9, min_p=0.02),
+])  # fmt: skip
+def test_rows_drawn_together_get_the_tokens_each_gets_alone(settings: SamplingSettings) -> None:
+    """What a batch does with its rows that share settings (the generation loop's _draw_together)."""
+    logits = torch.randn(6, 49152, generator=torch.Generator().manual_seed(0)) * 3
+    together_generators = [make_generator(seed) for seed in range(6)]
+    alone_generators = [make_generator(seed) for seed in range(6)]
+    for _ in range(20):  # 20 draws from each row's own generator
+        together = draw_each(process_logits(logits, settings), together_generators).tolist()
+        alone = [int(draw(process_logits(logits[i], settings), alone_generators[i])) for i in range(6)]
+        assert together == alone
+        assert len(set(together)) > 1
 
 
 def test_make_generator_without_seed() -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from attendo.errors import ContextLengthError, InvalidSettingError
-from attendo.generation.sampler import SamplingSettings, make_generator, next_token
+from attendo.generation.sampler import SamplingSettings, draw_each, make_generator, next_token, process_logits
 from attendo.generation.text import TextStream
 from attendo.models.decoder import DecoderLM
 from attendo.tokenizer import TextTokenizer
@@ -250,14 +250,37 @@ class Batch:
         logits = self.decode_step(
             tokens, positions, cache=self.cache, slots=slot_index, logits_index=torch.zeros(len(rows), dtype=torch.long)
         )
-        return [self._accept(sequence, row) for sequence, row in zip(running, logits)]
+        drawn = _draw_together(running, logits)
+        return [self._accept(sequence, row, drawn.get(i)) for i, (sequence, row) in enumerate(zip(running, logits))]
 
-    def _accept(self, sequence: Sequence, logits: torch.Tensor) -> Event:
-        event = accept_token(sequence, logits, logits, sequence.request.prompt_ids, self.eos, self.tokenizer)
+    def _accept(self, sequence: Sequence, logits: torch.Tensor, token: int | None = None) -> Event:
+        event = accept_token(sequence, logits, logits, sequence.request.prompt_ids, self.eos, self.tokenizer, token)
         if sequence.finished:
             self.decoding.remove(sequence)
             self.free_slots.append(sequence.slot)
         return event
+
+
+def _draw_together(running: list[Sequence], logits: torch.Tensor) -> dict[int, int]:
+    """{row: token} for the rows whose next token depends on their settings and logits alone
+    (sampling, no penalties, no grammar), drawn together where rows share their settings but the
+    seed: each row's stages and draw are computed row by row, so each gets the token it would get
+    alone, and a batch pays one pass over the vocabulary per stage instead of one per row."""
+    groups: dict[SamplingSettings, list[int]] = {}
+    for row, sequence in enumerate(running):
+        settings = sequence.request.settings
+        if not settings.greedy and sequence.grammar is None and not _uses_history(settings):
+            groups.setdefault(replace(settings, seed=None), []).append(row)
+    drawn: dict[int, int] = {}
+    for settings, rows in groups.items():
+        if len(rows) > 1:
+            chosen = draw_each(process_logits(logits[rows], settings), [running[row].generator for row in rows])
+            drawn.update(zip(rows, chosen.tolist()))
+    return drawn
+
+
+def _uses_history(settings: SamplingSettings) -> bool:
+    return settings.repetition_penalty != 1.0 or bool(settings.presence_penalty) or bool(settings.frequency_penalty)
 
 
 def token_logprob(logits: torch.Tensor, token: int, top_n: int, tokenizer: TextTokenizer) -> TokenLogprob:
@@ -276,6 +299,7 @@ def accept_token(
     context: list[int],
     eos_ids: Collection[int],
     tokenizer: TextTokenizer,
+    token: int | None = None,
 ) -> Event:
     """Choose a sequence's next token, show it, and check the stops.
 
@@ -283,13 +307,13 @@ def accept_token(
     tokens removed); log-probabilities are reported from the model's own logits. context is what
     precedes the generated tokens for the history-dependent penalties. A sequence with a grammar
     chooses among the tokens its grammar allows, and ends when the grammar admits nothing more.
+    token: the token when it was chosen already (drawn with the batch's others, see _draw_together).
     """
     request, settings, grammar = sequence.request, sequence.request.settings, sequence.grammar
-    history = None
-    if settings.repetition_penalty != 1.0 or settings.presence_penalty or settings.frequency_penalty:
-        history = torch.tensor(context + sequence.generated)
-    allowed = grammar.allowed() if grammar is not None else None
-    token = int(next_token(scores, settings, history, sequence.generator, allowed))
+    if token is None:
+        history = torch.tensor(context + sequence.generated) if _uses_history(settings) else None
+        allowed = grammar.allowed() if grammar is not None else None
+        token = int(next_token(scores, settings, history, sequence.generator, allowed))
     if request.logprobs is not None:
         sequence.logprobs.append(token_logprob(logits, token, request.logprobs, tokenizer))
     sequence.generated.append(token)

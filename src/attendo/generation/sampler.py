@@ -185,15 +185,28 @@ def draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     """
     probs = logits.float().softmax(dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
-    # By the inverse of the cumulative distribution: one uniform number per row, and the first
-    # token whose running total exceeds it (a token of probability 0 adds nothing, so it is never
-    # the first). torch.multinomial computes the same draw in about 1 ms for 49k tokens, this in 40 µs.
-    totals = flat.cumsum(dim=-1)
+    u = torch.rand(flat.shape[0], 1, generator=generator)
+    return _inverse_cdf(flat, u).reshape(probs.shape[:-1])
+
+
+def draw_each(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Row i of logits (rows, vocab) drawn with generators[i]: the tokens draw(logits[i],
+    generators[i]) gives row by row (softmax and the running sums are computed row by row either
+    way), with one pass over the vocabulary for all the rows of a batch."""
+    u = torch.cat([torch.rand(1, 1, generator=generator) for generator in generators])
+    return _inverse_cdf(logits.float().softmax(dim=-1), u)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For probabilities (rows, vocab) and a uniform number in [0, 1) per row (rows, 1), the
+    first token whose running total exceeds u times the row's total: (rows,) long.
+
+    A token of probability 0 adds nothing, so it is never the first. torch.multinomial computes
+    the same draw in about 1 ms for 49k tokens, this in 40 µs."""
+    totals = probs.cumsum(dim=-1)
     total = totals[:, -1:]
-    u = torch.rand(flat.shape[0], 1, generator=generator) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total, after rounding too
-    ids = torch.searchsorted(totals, u, right=True)
-    return ids.reshape(probs.shape[:-1])
+    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total, after rounding too
+    return torch.searchsorted(totals, u, right=True)[:, 0]
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
