@@ -115,11 +115,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, log: Path, threads: int | None, source: Path | None) -> subprocess.Popen:
+def start_server(model: str, port: int, log: Path, threads: int | None, source: Path | None, cache: str | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "attendo.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--max-batch", "16", "--max-queue", "64", "--log-level", "warning"]  # fmt: skip
     if threads:
         command += ["--threads", str(threads)]
+    if cache:
+        command += ["--kv-cache-dtype", cache]
     env = {**os.environ, "PYTHONPATH": str(source)} if source else None
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
@@ -142,7 +144,8 @@ def measure(args: argparse.Namespace, out: Path, source: Path | None) -> list[di
     """Every level against one server (the working tree's, or the code in `source`)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_server(args.model, port, out.with_suffix(".log"), args.threads, source)
+    cache = args.kv_cache_dtype if source is None else None  # an older server may not know the option
+    process = start_server(args.model, port, out.with_suffix(".log"), args.threads, source, cache)
     try:
         wait_healthy(url, process)
         asyncio.run(run_level(url, args.model, 1, 1, 8))  # warm-up, not reported
@@ -163,6 +166,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per level = this x concurrency")
     parser.add_argument("--threads", type=int, default=None, help="passed to attendo serve --threads")
+    parser.add_argument("--kv-cache-dtype", default=None, help="passed to attendo serve --kv-cache-dtype (this tree's server only)")
     parser.add_argument("--compare", default=None, help="a commit whose server to measure first, beside this one")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "server.json"))
     args = parser.parse_args()
@@ -183,6 +187,7 @@ def main() -> None:
         "model": args.model,
         "max_tokens": args.max_tokens,
         "threads": args.threads,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "machine": {"cpus": os.cpu_count(), "cpu_flags": vector_flags(), "platform": platform.platform(),
                     "load_average": os.getloadavg()},  # fmt: skip
         "runs": runs,
