@@ -90,7 +90,7 @@ def test_cli_generate_knows_the_capital_of_france(smol, capsys, monkeypatch):
     """`attendo generate "The capital of France is" --greedy`, with the default model. Loading it
     again would only repeat the `smol` fixture's attendo.load, so the command gets that model."""
     asked = []
-    monkeypatch.setattr("attendo.loader.load", lambda source, dtype=None, adapter=None: asked.append(source) or smol)
+    monkeypatch.setattr("attendo.loader.load", lambda source, dtype=None, adapter=None, kv_cache_dtype=None: asked.append(source) or smol)
     assert main(["generate", "The capital of France is", "--greedy", "-n", "6"]) == 0
     assert asked == [NAME]
     assert "Paris" in capsys.readouterr().out
