@@ -61,6 +61,11 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--length-penalty", type=float, default=None, help="beam search: > 0 favours longer outputs, < 0 shorter")
     g.add_argument("--early-stopping", type=_early_stopping, default=None, help="beam search: true, false or never")
     g.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
+    g.add_argument(
+        "--prompt-lookup", type=int, default=None, metavar="N",
+        help="check up to N draft tokens per step, copied from earlier in the text: the same output, "
+        "faster when it repeats the prompt (rewriting code, quoting); 8 is a good start",
+    )  # fmt: skip
     s = parser.add_argument_group("structured output")
     s.add_argument("--json-schema", metavar="FILE", default=None,
                    help="the output is JSON valid against this JSON Schema file ('object': any JSON object)")
@@ -83,6 +88,8 @@ def generation_settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     """The settings a command line asks for (a command without some of the options leaves them unset)."""
     chosen = {name: getattr(args, name, None) for name in GENERATION_SETTINGS}
     chosen |= structured_output(args)
+    if getattr(args, "prompt_lookup", None):  # a decoding strategy, not a sampling setting: absent unless asked
+        chosen["prompt_lookup"] = args.prompt_lookup
     if args.greedy:
         return {**chosen, "do_sample": False}
     # Beam search, translation and summaries are deterministic unless sampling is asked for.
@@ -373,6 +380,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServerSettings(
         models=models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
         max_len=args.max_len, dtype=args.dtype, shutdown_grace=args.shutdown_grace, indexes=indexes,
+        prompt_lookup=args.prompt_lookup,
         adapters=_served_adapters(args.adapter or [], models),
     )  # fmt: skip
     if args.threads:
@@ -485,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-len", type=int, default=2048, help="tokens per sequence, prompt + completion (default 2048)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds open requests may finish after SIGTERM")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="while one request decodes alone, check up to N draft tokens per step copied from its text (default 0: off)")
     p.add_argument("--index", action="append", metavar="NAME=FILE",
                    help="serve a retrieval index (attendo index) as NAME: /v1/retrieve, /v1/indexes/NAME/chat/completions")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's choice)")
