@@ -290,13 +290,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from attendo.bench.run import main as bench
 
     against = [e for e in args.against.split(",") if e]
+    if args.prompt_lookup is not None:
+        from attendo.bench.lookup import main as bench_lookup
+
+        if args.prompt_lookup < 1:
+            raise UsageError(f"--prompt-lookup takes a number of draft tokens >= 1, got {args.prompt_lookup}")
+        out = "benchmarks/results/lookup.json" if args.out is None else args.out
+        print(bench_lookup(args.model, args.prompt_lookup, against, args.repeats, Path(out) if out else None))
+        return
     also = [w for w in args.also_weights.split(",") if w]
     unknown = sorted(set(also) - {"int8", "int4", "float16", "bfloat16"})
     if unknown:
         raise UsageError(f"--also-weights takes int8, int4, float16 and bfloat16, not {unknown[0]!r}")
     options = {"dtype": args.dtype} if args.dtype else {}
     ours = [e.strip() for e in args.engines.split(",") if e.strip()]
-    print(bench(args.model, against, args.repeats, options, Path(args.out) if args.out else None, also, ours))
+    out = "benchmarks/results/engine.json" if args.out is None else args.out
+    print(bench(args.model, against, args.repeats, options, Path(out) if out else None, also, ours))
 
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -477,7 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--engines", default="attendo,attendo float32,attendo --fast",
         help="comma-separated attendo configurations to measure (default: attendo,attendo float32,attendo --fast)",
     )  # fmt: skip
-    p.add_argument("--out", default="benchmarks/results/engine.json", help="where to write the JSON report")
+    p.add_argument(
+        "--prompt-lookup", type=int, default=None, metavar="N",
+        help="instead: greedy decoding with and without prompt lookup of N draft tokens, on prompts that copy and on chat",
+    )  # fmt: skip
+    p.add_argument("--out", default=None, help="where to write the JSON report (default benchmarks/results/engine.json, or lookup.json)")
     p.set_defaults(run=cmd_bench)
 
     p = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")

@@ -5,7 +5,10 @@ tokens it is about to write often already stand earlier in the prompt or in what
 Each decode step then:
 
 1. ``NgramDrafter.propose``: find the latest earlier place where the sequence's last n tokens
-   occur (n = 4, else 3, else 2) and take up to ``draft_tokens`` tokens that followed them there;
+   occur (n = 4, else 3, else 2) and take the tokens that followed them there, as many as the
+   sequence's draft length: it starts at 2, grows by 2 (up to ``draft_tokens``) after a draft
+   that was taken whole and shrinks by 1 after one that was not, so text that copies gets long
+   drafts and text that does not wastes little;
 2. run the last chosen token and the draft through the network as one pass at their positions
    (one row each, like a prefill chunk), which gives the logits after every one of them;
 3. choose tokens from those logits in order with the loop's own ``accept_token`` (greedy, or
@@ -42,6 +45,10 @@ from attendo.generation.loop import Batch, Event, Sequence
 # The longest match first: it predicts the continuation best. No single tokens: a lone word recurs
 # too often with another continuation, and a wrong draft costs a wider pass for nothing.
 NGRAM_SIZES = (4, 3, 2)
+# A sequence's drafts start this long and grow by GROWTH tokens after each draft taken whole (up to
+# the draft_tokens asked for), and shrink by one after each draft that failed.
+FIRST_DRAFT_LENGTH = 2
+GROWTH = 2
 
 
 def check_draft_tokens(draft_tokens: Any) -> int:
@@ -84,6 +91,7 @@ class LookupBatch(Batch):
         super().__init__(*args, **kwargs)
         self.draft_tokens = check_draft_tokens(draft_tokens)
         self.drafting: tuple[Sequence, NgramDrafter] | None = None  # the lone sequence, and its n-grams
+        self.draft_length = min(FIRST_DRAFT_LENGTH, self.draft_tokens)  # this sequence's, for its next draft
         self.drafted = 0  # draft tokens checked, and how many of them were chosen
         self.accepted = 0
 
@@ -99,7 +107,7 @@ class LookupBatch(Batch):
         drafter = self._drafter(sequence)
         # Only tokens that can still be generated: the pass makes len(draft) + 1 of them.
         room = min(sequence.request.max_new_tokens - len(sequence.generated), self.max_len - sequence.length + 1)
-        draft = drafter.propose(min(self.draft_tokens, room - 1))
+        draft = drafter.propose(min(self.draft_length, room - 1))
         if not draft:
             return super()._decode()
         tokens = [sequence.generated[-1], *draft]
@@ -113,14 +121,18 @@ class LookupBatch(Batch):
             events.append(self._accept(sequence, row))
             if sequence.finished or events[-1].token_id != proposed:
                 break
-        self.drafted += len(draft)
-        self.accepted += sum(event.token_id == proposed for event, proposed in zip(events, draft))
+        taken = sum(event.token_id == proposed for event, proposed in zip(events, draft))
+        self.drafted, self.accepted = self.drafted + len(draft), self.accepted + taken
+        # Longer drafts while they hold, shorter when they fail: a wrong one costs its rows for nothing.
+        grown = self.draft_length + GROWTH if taken == len(draft) else self.draft_length - 1
+        self.draft_length = max(1, min(self.draft_tokens, grown))
         return events
 
     def _drafter(self, sequence: Sequence) -> NgramDrafter:
         """The sequence's drafter, brought up to date with the tokens chosen since the last step."""
         if self.drafting is None or self.drafting[0] is not sequence:
             self.drafting = (sequence, NgramDrafter())
+            self.draft_length = min(FIRST_DRAFT_LENGTH, self.draft_tokens)
         drafter = self.drafting[1]
         prompt = sequence.request.prompt_ids
         known = len(drafter.tokens)
