@@ -205,6 +205,19 @@ def test_generate_and_stream_take_prompt_lookup_in_fewer_passes(tiny_llama):
     assert looked_passes < plain_passes and streamed_passes < plain_passes
 
 
+def test_drafts_start_short_and_grow_while_they_hold(tiny_llama):
+    """The draft length schedule: 2 tokens first, +2 after a draft taken whole, never above the
+    draft_tokens asked for (each pass of r > 1 rows checks r - 1 draft tokens)."""
+    rows = []
+    hook = tiny_llama.network.register_forward_hook(lambda _, args, __: rows.append(args[0].shape[1]))
+    try:
+        tiny_llama.generate(REPEATING, max_new_tokens=40, do_sample=False, prompt_lookup=DRAFTS)
+    finally:
+        hook.remove()
+    drafts = [r - 1 for r in rows[1:] if r > 1]  # rows[0]: the prompt's prefill
+    assert drafts[0] <= 2 and 2 < max(drafts) <= DRAFTS
+
+
 # --- where the drafts come from and go: several prompts, the server -----------------------------
 
 
@@ -242,6 +255,21 @@ def test_the_scheduler_streams_lookup_tokens_with_their_own_logprobs(tiny_llama)
     assert scheduler.batch.drafted > 0
 
 
+def test_the_http_server_answers_the_same_with_lookup(tiny_llama):
+    from test_server import live
+
+    expected = tiny_llama.generate(REPEATING, max_new_tokens=16, do_sample=False, logprobs=0)
+    for server in live({"tiny": tiny_llama}, prompt_lookup=DRAFTS):
+        completion = server.client().completions.create(
+            model="tiny", prompt=REPEATING, max_tokens=16, temperature=0, logprobs=0
+        )
+        sampled = server.client().completions.create(model="tiny", prompt=REPEATING, max_tokens=16, temperature=0.7, seed=1)
+    choice = completion.choices[0]
+    assert choice.text == expected.text
+    assert choice.logprobs.token_logprobs == [p.logprob for p in expected.logprobs]
+    assert sampled.choices[0].text == tiny_llama.generate(REPEATING, max_new_tokens=16, temperature=0.7, seed=1).text
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 
@@ -271,6 +299,11 @@ def test_the_command_line_refuses_bad_lookup_settings_in_one_line(tiny_llama_dir
     assert main([*arguments, "-m", str(tiny_llama_dir), "-n" if arguments[0] == "generate" else "--max-len", "4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("attendo: error:") and "prompt_lookup" in err and err.count("\n") == 1
+
+
+def test_bench_wants_at_least_one_draft_token(capsys):
+    assert main(["bench", "--prompt-lookup", "0"]) == 2
+    assert "--prompt-lookup takes a number of draft tokens >= 1" in capsys.readouterr().err
 
 
 def test_the_command_line_generates_the_same_text_with_lookup(tiny_llama_dir, tiny_llama, capsys):
