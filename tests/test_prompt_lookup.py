@@ -290,6 +290,14 @@ def test_lookup_with_beam_search_or_an_encoder_decoder_is_refused(tiny_llama, tm
             call(SENTENCES[0], max_new_tokens=2, prompt_lookup=4)
 
 
+def test_lookup_with_a_compiled_decode_step_is_refused(tiny_llama_dir):
+    """(Compiling happens at the first call; refusing needs none.)"""
+    model = attendo.load(tiny_llama_dir, dtype="float16").speed_up("float32")
+    assert model.decode_step is not None
+    with pytest.raises(InvalidSettingError, match="compiled decode step"):
+        model.generate("Hello", max_new_tokens=2, prompt_lookup=4)
+
+
 @pytest.mark.parametrize(
     "arguments",
     [["generate", "Hello", "--prompt-lookup", "-2"], ["generate", "Hello", "--prompt-lookup", "3", "--num-beams", "2"],

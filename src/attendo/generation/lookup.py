@@ -23,9 +23,10 @@ The output is the plain loop's, token for token, when the logits of a token in a
 rows are the same bits as in a pass of one: true where attendo.kernels multiply and attend
 (every row's reduction order is its own; see tests/test_batch_invariance.py). The chosen tokens
 then see exactly the logits and, when sampling, the generator draws the plain loop gives them.
-Without the kernels (no C compiler, or a path that needs gradients) a pass of several rows may
-round differently in the last bits, and a near tie may then go the other way, as it may between
-a prompt prefilled whole and in chunks.
+Without the kernels (no C compiler) a pass of several rows may round differently in the last
+bits, and a near tie may then go the other way, as it may between a prompt prefilled whole and
+in chunks. A compiled decode step (optimize.compile_decode) rounds differently from the eager
+pass that checks drafts, so a batch with one refuses lookup.
 
 It pays when a draft is often right: a pass of k + 1 rows costs more than a pass of one, but
 less than k + 1 of them, since a small model's step mostly reads weights. `LookupBatch` drafts
@@ -89,6 +90,12 @@ class LookupBatch(Batch):
 
     def __init__(self, *args: Any, draft_tokens: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.decode_step is not self.network:
+            # Its fused operations round differently from the eager pass that checks the drafts.
+            raise InvalidSettingError(
+                "prompt_lookup does not work with a compiled decode step (speed_up of a network the fused C "
+                "blocks cannot run, e.g. float16 weights); leave out the speed-up or the lookup"
+            )
         self.draft_tokens = check_draft_tokens(draft_tokens)
         self.drafting: tuple[Sequence, NgramDrafter] | None = None  # the lone sequence, and its n-grams
         self.draft_length = min(FIRST_DRAFT_LENGTH, self.draft_tokens)  # this sequence's, for its next draft
