@@ -1,7 +1,7 @@
 """Prompt-lookup decoding measured side by side (`attendo bench --prompt-lookup N`).
 
 Each engine decodes the same prompts greedily (the same token ids, in the model's chat
-template), once plainly and once with prompt lookup: attendo's (attendo.generation.lookup) and
+template if it has one), once plainly and once with prompt lookup: attendo's (attendo.generation.lookup) and
 llama.cpp's (llama-cpp-python's LlamaPromptLookupDecoding draft model, its defaults but for the
 number of draft tokens). Prompts of two kinds: answers that copy their prompt (add type hints to
 code, repeat or summarise a paragraph), where lookup should pay, and the short chat answers of
@@ -199,7 +199,10 @@ def measure(model: str, draft_tokens: int, against: list[str], repeats: int, thr
     path = str(resolve(model))
     loaded = attendo.load(path)
     names = [name for group in PROMPTS.values() for name in group]
-    prompts = [loaded.encode_chat([{"role": "user", "content": text}]) for group in PROMPTS.values() for text in group.values()]
+    # In the chat template where the model has one (a base model reads the request as plain text).
+    chat = loaded.tokenizer.chat_template is not None
+    encode = lambda text: loaded.encode_chat([{"role": "user", "content": text}]) if chat else loaded.tokenizer.encode(text)  # noqa: E731
+    prompts = [encode(text) for group in PROMPTS.values() for text in group.values()]
     engines, skipped = ["attendo"], []
     for peer in against:
         reason = engine_available(peer) if peer == "llama.cpp" else "its prompt lookup is not measured here"
