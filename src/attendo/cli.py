@@ -70,6 +70,11 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--length-penalty", type=float, default=None, help="beam search: > 0 favours longer outputs, < 0 shorter")
     g.add_argument("--early-stopping", type=_early_stopping, default=None, help="beam search: true, false or never")
     g.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
+    g.add_argument(
+        "--prompt-lookup", type=int, default=None, metavar="N",
+        help="check up to N draft tokens per step, copied from earlier in the text: the same output, "
+        "faster when it repeats the prompt (rewriting code, quoting); 8 is a good start",
+    )  # fmt: skip
     s = parser.add_argument_group("structured output")
     s.add_argument("--json-schema", metavar="FILE", default=None,
                    help="the output is JSON valid against this JSON Schema file ('object': any JSON object)")
@@ -92,6 +97,8 @@ def generation_settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     """The settings a command line asks for (a command without some of the options leaves them unset)."""
     chosen = {name: getattr(args, name, None) for name in GENERATION_SETTINGS}
     chosen |= structured_output(args)
+    if getattr(args, "prompt_lookup", None):  # a decoding strategy, not a sampling setting: absent unless asked
+        chosen["prompt_lookup"] = args.prompt_lookup
     if args.greedy:
         return {**chosen, "do_sample": False}
     # Beam search, translation and summaries are deterministic unless sampling is asked for.
@@ -292,13 +299,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from attendo.bench.run import main as bench
 
     against = [e for e in args.against.split(",") if e]
+    if args.prompt_lookup is not None:
+        from attendo.bench.lookup import main as bench_lookup
+
+        if args.prompt_lookup < 1:
+            raise UsageError(f"--prompt-lookup takes a number of draft tokens >= 1, got {args.prompt_lookup}")
+        out = "benchmarks/results/lookup.json" if args.out is None else args.out
+        print(bench_lookup(args.model, args.prompt_lookup, against, args.repeats, Path(out) if out else None))
+        return
     also = [w for w in args.also_weights.split(",") if w]
     unknown = sorted(set(also) - {"int8", "int4", "float16", "bfloat16"})
     if unknown:
         raise UsageError(f"--also-weights takes int8, int4, float16 and bfloat16, not {unknown[0]!r}")
     options = {"dtype": args.dtype} if args.dtype else {}
     ours = [e.strip() for e in args.engines.split(",") if e.strip()]
-    print(bench(args.model, against, args.repeats, options, Path(args.out) if args.out else None, also, ours))
+    out = "benchmarks/results/engine.json" if args.out is None else args.out
+    print(bench(args.model, against, args.repeats, options, Path(out) if out else None, also, ours))
 
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -384,7 +400,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServerSettings(
         models=models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
         max_len=args.max_len, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, shutdown_grace=args.shutdown_grace,
-        indexes=indexes,
+        indexes=indexes, prompt_lookup=args.prompt_lookup,
         adapters=_served_adapters(args.adapter or [], models),
     )  # fmt: skip
     if args.threads:
@@ -481,7 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--engines", default="attendo,attendo float32,attendo --fast",
         help="comma-separated attendo configurations to measure (default: attendo,attendo float32,attendo --fast)",
     )  # fmt: skip
-    p.add_argument("--out", default="benchmarks/results/engine.json", help="where to write the JSON report")
+    p.add_argument(
+        "--prompt-lookup", type=int, default=None, metavar="N",
+        help="instead: greedy decoding with and without prompt lookup of N draft tokens, on prompts that copy and on chat",
+    )  # fmt: skip
+    p.add_argument("--out", default=None, help="where to write the JSON report (default benchmarks/results/engine.json, or lookup.json)")
     p.set_defaults(run=cmd_bench)
 
     p = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
@@ -498,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-len", type=int, default=2048, help="tokens per sequence, prompt + completion (default 2048)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds open requests may finish after SIGTERM")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="while one request decodes alone, check up to N draft tokens per step copied from its text (default 0: off)")
     p.add_argument("--index", action="append", metavar="NAME=FILE",
                    help="serve a retrieval index (attendo index) as NAME: /v1/retrieve, /v1/indexes/NAME/chat/completions")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's choice)")

@@ -15,6 +15,7 @@ from attendo import fused, optimize
 from attendo.config import ModelConfig
 from attendo.errors import InvalidSettingError, UnsupportedModelError
 from attendo.generation.beam import BeamSettings, decoder_beam_search, split_beam_settings
+from attendo.generation.lookup import LookupBatch, check_draft_tokens
 from attendo.generation.loop import Batch, Event, GenerationResult, Request, run
 from attendo.generation.sampler import SamplingSettings
 from attendo.layers.attention import LayerRecord, Recorded
@@ -172,14 +173,17 @@ class Model:
             ids = [self.config.bos_token_id]  # an empty prompt means "start from scratch"
         return ids
 
-    def _batch(self, requests: list[Request]) -> Batch:
+    def _batch(self, requests: list[Request], prompt_lookup: int = 0) -> Batch:
+        """A batch for the requests; with prompt_lookup, one that checks that many draft tokens
+        per step while a single sequence decodes (attendo.generation.lookup)."""
         longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
         if self.decode_step is not None:  # few distinct cache shapes, so few compilations
             longest = max(256, 1 << (longest - 1).bit_length())
         max_len = min(self.config.context_length, longest)
-        return Batch(
+        lookup = {"draft_tokens": prompt_lookup} if prompt_lookup else {}
+        return (LookupBatch if prompt_lookup else Batch)(
             self.network, self.tokenizer, self.eos_token_ids, slots=len(requests), max_len=max_len,
-            decode_step=self.decode_step,
+            decode_step=self.decode_step, **lookup,
         )
 
     @overload
@@ -196,6 +200,7 @@ class Model:
         logprobs: int | None = None,
         json_schema: Any = None,
         regex: str | None = None,
+        prompt_lookup: int = 0,
         **settings: Any,
     ) -> GenerationResult | list[GenerationResult]:
         """Complete one prompt or a batch of prompts; a prompt is text or a list of token ids.
@@ -207,7 +212,9 @@ class Model:
         chosen token's log probability and the top `logprobs` alternatives. json_schema or regex:
         structured output (see `grammar`): every token keeps the text inside the schema or regex,
         and a finished text ("stop") matches it; cut off by max_new_tokens ("length"), it is a
-        prefix of a match.
+        prefix of a match. prompt_lookup: check up to this many draft tokens per step, copied from
+        where the text's last few tokens occurred before (attendo.generation.lookup); the same
+        tokens, sooner when the answer repeats its prompt (rewriting code, quoting). 0: off.
         """
         single = _is_single(prompt)
         prompts = [prompt] if single else list(prompt)
@@ -216,24 +223,24 @@ class Model:
         search, settings = split_beam_settings(settings, self.generation_defaults)
         requests = self._requests(prompts, max_new_tokens, stop, logprobs, settings, {"json_schema": json_schema, "regex": regex})
         _check_no_grammar(requests, search)
-        results = self._complete(requests, search)
+        results = self._complete(requests, search, _lookup_drafts(prompt_lookup, search))
         return results[0] if single else results
 
-    def _complete(self, requests: list[Request], search: BeamSettings) -> list[GenerationResult]:
+    def _complete(self, requests: list[Request], search: BeamSettings, prompt_lookup: int = 0) -> list[GenerationResult]:
         """Run requests to the end: beam search one prompt at a time, or all together in one batch."""
         if search.num_beams > 1:
             return [decoder_beam_search(self.network, self.tokenizer, self.eos_token_ids, r, search) for r in requests]
         _check_no_ngram_ban(search)
-        batch = self._batch(requests)
+        batch = self._batch(requests, prompt_lookup)
         sequences = [batch.add(r) for r in requests]
         while batch.busy:
             batch.step()
         return [s.result() for s in sequences]
 
-    def _events(self, requests: list[Request], search: BeamSettings) -> Iterator[Event]:
+    def _events(self, requests: list[Request], search: BeamSettings, prompt_lookup: int = 0) -> Iterator[Event]:
         """Every token of every request as it is chosen (greedy decoding or sampling)."""
         _check_no_ngram_ban(search)
-        return run(self._batch(requests), requests)
+        return run(self._batch(requests, prompt_lookup), requests)
 
     def stream(
         self,
@@ -243,6 +250,7 @@ class Model:
         stop: str | list[str] | None = None,
         json_schema: Any = None,
         regex: str | None = None,
+        prompt_lookup: int = 0,
         **settings: Any,
     ) -> Generator[str, None, GenerationResult]:
         """Text pieces as they are generated; joined, they equal generate(...).text. The
@@ -252,11 +260,12 @@ class Model:
         search, settings = split_beam_settings(settings, self.generation_defaults)
         requests = self._requests([prompt], max_new_tokens, stop, None, settings, {"json_schema": json_schema, "regex": regex})
         _check_no_grammar(requests, search)
+        drafts = _lookup_drafts(prompt_lookup, search)
         if search.num_beams > 1:
             result = self._complete(requests, search)[0]
             yield result.text
             return result
-        for event in self._events(requests, search):
+        for event in self._events(requests, search, drafts):
             if event.text:
                 yield event.text
         return event.sequence.result()
@@ -297,6 +306,14 @@ def _is_single(prompt: Any) -> bool:
 def _check_no_grammar(requests: list[Request], search: BeamSettings) -> None:
     if search.num_beams > 1 and any(r.grammar is not None for r in requests):
         raise InvalidSettingError("json_schema and regex work with greedy decoding or sampling, not beam search")
+
+
+def _lookup_drafts(prompt_lookup: Any, search: BeamSettings) -> int:
+    """generate's prompt_lookup, checked: a count of draft tokens, and no beam search beside it."""
+    drafts = check_draft_tokens(prompt_lookup)
+    if drafts and search.num_beams > 1:
+        raise InvalidSettingError("prompt_lookup works with greedy decoding or sampling, not beam search")
+    return drafts
 
 
 def _check_no_ngram_ban(search: BeamSettings) -> None:

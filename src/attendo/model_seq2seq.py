@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from attendo.errors import CheckpointError
+from attendo.errors import CheckpointError, InvalidSettingError
 from attendo.generation.beam import BeamSettings, ForcedTokens
 from attendo.generation.loop import Event, GenerationResult, Request
 from attendo.generation.seq2seq import seq2seq_beam_search, seq2seq_events
@@ -81,7 +81,8 @@ class Seq2SeqModel(Model):
         recorded = {"encoder": encoder, "decoder": decoder, "cross": cross}
         return {kind: torch.stack(weights) for kind, weights in recorded.items() if weights}
 
-    def _complete(self, requests: list[Request], search: BeamSettings) -> list[GenerationResult]:
+    def _complete(self, requests: list[Request], search: BeamSettings, prompt_lookup: int = 0) -> list[GenerationResult]:
+        _check_no_lookup(prompt_lookup)
         if search.num_beams > 1:
             return [
                 seq2seq_beam_search(
@@ -96,7 +97,8 @@ class Seq2SeqModel(Model):
                 results[event.sequence.slot] = event.sequence.result()
         return results
 
-    def _events(self, requests: list[Request], search: BeamSettings) -> Iterator[Event]:
+    def _events(self, requests: list[Request], search: BeamSettings, prompt_lookup: int = 0) -> Iterator[Event]:
+        _check_no_lookup(prompt_lookup)
         return seq2seq_events(
             self.network,
             self.tokenizer,
@@ -107,3 +109,8 @@ class Seq2SeqModel(Model):
             search.no_repeat_ngram_size,
             self.forced_tokens,
         )
+
+
+def _check_no_lookup(prompt_lookup: int) -> None:
+    if prompt_lookup:
+        raise InvalidSettingError("prompt_lookup needs a decoder-only model")

@@ -98,12 +98,15 @@ _Chunk = tuple[Sequence, int, int]  # a prompt's next chunk: its sequence, start
 
 @dataclass(frozen=True)
 class Event:
-    """What one step produced for one sequence: a text piece (maybe empty) and whether it ended."""
+    """What one chosen token produced for its sequence: a text piece (maybe empty), whether it
+    ended, and its logprob when the request asked for them. (A step may choose several tokens of
+    one sequence: see attendo.generation.lookup.)"""
 
     sequence: Sequence
     token_id: int
     text: str
     finished: bool
+    logprob: TokenLogprob | None = None
 
 
 def check_request(request: Request, context_length: int, vocab_size: int) -> None:
@@ -314,8 +317,10 @@ def accept_token(
         history = torch.tensor(context + sequence.generated) if _uses_history(settings) else None
         allowed = grammar.allowed() if grammar is not None else None
         token = int(next_token(scores, settings, history, sequence.generator, allowed))
+    logprob = None
     if request.logprobs is not None:
-        sequence.logprobs.append(token_logprob(logits, token, request.logprobs, tokenizer))
+        logprob = token_logprob(logits, token, request.logprobs, tokenizer)
+        sequence.logprobs.append(logprob)
     sequence.generated.append(token)
     if token not in eos_ids and grammar is not None:
         grammar.advance(token)
@@ -329,7 +334,7 @@ def accept_token(
             sequence.finish_reason = "stop"
         elif len(sequence.generated) >= request.max_new_tokens:
             text, sequence.finish_reason = text + sequence.stream.flush(), "length"
-    return Event(sequence, token, text, sequence.finished)
+    return Event(sequence, token, text, sequence.finished, logprob)
 
 
 def run(batch: Batch, requests: list[Request]) -> Iterator[Event]:

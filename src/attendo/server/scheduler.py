@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from attendo.generation.lookup import LookupBatch
 from attendo.generation.loop import Batch, Event, Request, Sequence, TokenLogprob
 from attendo.generation.sampler import SamplingSettings
 
@@ -98,14 +99,18 @@ class Scheduler:
         max_queue: int,
         max_len: int,
         prefill_chunk: int = 256,
+        prompt_lookup: int = 0,
         metrics: Metrics | None = None,
     ) -> None:
+        """prompt_lookup: draft tokens checked per step while a single sequence decodes
+        (attendo.generation.lookup); 0: plain decoding."""
         self.name = name
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
+        self.prompt_lookup = prompt_lookup
         self.metrics = metrics
         self.batch = self._new_batch()
         self._lock = threading.Condition()
@@ -122,6 +127,11 @@ class Scheduler:
 
     def _new_batch(self) -> Batch:
         m = self.model
+        if self.prompt_lookup:
+            return LookupBatch(
+                m.network, m.tokenizer, m.eos_token_ids, self.max_batch, self.max_len, self.prefill_chunk,
+                draft_tokens=self.prompt_lookup,
+            )  # fmt: skip
         return Batch(m.network, m.tokenizer, m.eos_token_ids, self.max_batch, self.max_len, self.prefill_chunk)
 
     # --- called from any thread ---------------------------------------------------------------
@@ -256,8 +266,7 @@ class Scheduler:
             return
         ticket, index = owner
         sequence = event.sequence
-        logprob = sequence.logprobs[-1] if ticket.requests[index].logprobs is not None else None
-        delta = Delta(index, event.token_id, event.text, logprob, sequence.finish_reason if event.finished else None)
+        delta = Delta(index, event.token_id, event.text, event.logprob, sequence.finish_reason if event.finished else None)
         if ticket.first_token_at is None:
             ticket.first_token_at = time.monotonic()
             if self.metrics is not None:

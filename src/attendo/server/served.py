@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from attendo.errors import InvalidSettingError
+from attendo.generation.lookup import check_draft_tokens
 from attendo.model import Model
 from attendo.server.errors import bad_request, model_not_found, unavailable
 from attendo.server.metrics import Metrics
@@ -27,6 +28,7 @@ class ServerSettings:
     max_queue: int = 64  # sequences that may wait for a slot before requests get 429
     max_len: int = 2048  # tokens (prompt + completion) per sequence, capped by the model's context
     prefill_chunk: int = 256  # prompt tokens prefilled per sequence per step
+    prompt_lookup: int = 0  # draft tokens checked per step while one sequence decodes (0: off)
     max_body_bytes: int = 4 * 2**20
     dtype: str | None = None
     kv_cache_dtype: str | None = None  # see attendo.load
@@ -41,6 +43,7 @@ class ServerSettings:
         for name, (value, least) in limits.items():
             if value < least:
                 raise InvalidSettingError(f"{name} must be at least {least}, got {value}")
+        check_draft_tokens(self.prompt_lookup)
         if self.shutdown_grace < 0:
             raise InvalidSettingError(f"shutdown_grace must be >= 0, got {self.shutdown_grace}")
 
@@ -103,7 +106,7 @@ class ServedModels:
         if model.config.family == "decoder":
             scheduler = Scheduler(
                 name, model, max_batch=s.max_batch, max_queue=s.max_queue, max_len=window,
-                prefill_chunk=s.prefill_chunk, metrics=self.metrics,
+                prefill_chunk=s.prefill_chunk, prompt_lookup=s.prompt_lookup, metrics=self.metrics,
             )  # fmt: skip
             scheduler.warm_up()  # /health stays 503 until this is done
             scheduler.start()
