@@ -1,19 +1,21 @@
 """Load benchmark for `attendo serve`: streaming chat completions at concurrency 1, 4 and 16.
 
 Starts the server on 127.0.0.1 (a subprocess, on a free port), sends a bounded number of streaming
-requests at each concurrency level (requests_per_slot x concurrency, the level's requests kept in
-flight by a semaphore), and reports per level:
+requests at each concurrency level (requests_per_slot x concurrency, at least --min-requests, the
+level's requests kept in flight by a semaphore), --rounds times over, and reports per level:
 
-- aggregate output tokens/s: completion tokens of the level / the level's wall time
+- aggregate output tokens/s: completion tokens of the level's rounds / their wall time
 - time to first token (p50, p99): request sent -> first content chunk
 - inter-token latency (p50): gaps between consecutive content chunks of one stream
+- CPU seconds the level took in this client process (time.process_time) and in the server process
+  (its utime + stime from /proc, where there is one): client and server share the machine's cores
 
 Prints a table and writes JSON to benchmarks/results/server.json. Loopback only; nothing else is
-contacted. With --compare COMMIT, the same benchmark runs first against the server of that commit
-(its src/ exported with git archive, as benchmarks/bench_commits.py does), then against the working
-tree's, and the table gives both side by side.
+contacted. With --compare COMMIT, the server of that commit (its src/ exported with git archive, as
+benchmarks/bench_commits.py does) runs beside the working tree's: the two take turns level by level
+in every round, and the table gives both side by side.
 
-    .venv/bin/python benchmarks/bench_server.py [--model smollm2-135m-instruct] [--max-tokens 64] [--compare 88c3877]
+    .venv/bin/python benchmarks/bench_server.py [--model smollm2-135m-instruct] [--max-tokens 64] [--rounds 3] [--compare 88c3877]
 """
 
 from __future__ import annotations
@@ -83,7 +85,17 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str
     }
 
 
+def server_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far, from /proc (None where there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime in ticks
+
+
 async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    """One level's requests against one server: what summarise() needs, from every request."""
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=concurrency)) as http:
 
@@ -91,22 +103,35 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
             async with limit:
                 return await one_request(http, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, seed=i)
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         results = await asyncio.gather(*(bounded(i) for i in range(requests)))
-        wall = time.perf_counter() - started
-    ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
-    gaps = [g for r in results for g in r["gaps"]]
-    tokens = sum(r["tokens"] for r in results)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     return {
-        "concurrency": concurrency,
         "requests": requests,
-        "output_tokens": tokens,
+        "output_tokens": sum(r["tokens"] for r in results),
         "wall_s": wall,
-        "tokens_per_s": tokens / wall,
+        "client_cpu_s": cpu,
+        "ttfts": [r["ttft"] for r in results if r["ttft"] is not None],
+        "gaps": [g for r in results for g in r["gaps"]],
+    }
+
+
+def summarise(concurrency: int, rounds: list[dict]) -> dict:
+    """A level over every round: tokens/s is all its completion tokens / all its wall time."""
+    total = {key: sum(r[key] for r in rounds) for key in ("requests", "output_tokens", "wall_s", "client_cpu_s")}
+    ttfts = [t for r in rounds for t in r["ttfts"]]
+    level = {
+        "concurrency": concurrency,
+        **total,
+        "tokens_per_s": total["output_tokens"] / total["wall_s"],
+        "tokens_per_s_by_round": [r["output_tokens"] / r["wall_s"] for r in rounds],
         "ttft_p50_s": percentile(ttfts, 50),
         "ttft_p99_s": percentile(ttfts, 99),
-        "itl_p50_s": percentile(gaps, 50),
+        "itl_p50_s": percentile([g for r in rounds for g in r["gaps"]], 50),
     }
+    if all("server_cpu_s" in r for r in rounds):
+        level["server_cpu_s"] = sum(r["server_cpu_s"] for r in rounds)
+    return level
 
 
 def free_port() -> int:
@@ -140,24 +165,41 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> N
     raise SystemExit("the server did not become healthy")
 
 
-def measure(args: argparse.Namespace, out: Path, source: Path | None) -> list[dict]:
-    """Every level against one server (the working tree's, or the code in `source`)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cache = args.kv_cache_dtype if source is None else None  # an older server may not know the option
-    process = start_server(args.model, port, out.with_suffix(".log"), args.threads, source, cache)
+def measure(args: argparse.Namespace, out: Path, sources: dict[str, Path | None]) -> dict[str, list[dict]]:
+    """Every level against every server (the working tree's: source None; or the code in a source
+    directory). All servers are up at once (an idle one waits without using the CPU) and take
+    turns level by level, in alternating order from round to round, so a drift in the machine's
+    speed falls on both alike."""
+    servers: dict[str, tuple[str, subprocess.Popen]] = {}
     try:
-        wait_healthy(url, process)
-        asyncio.run(run_level(url, args.model, 1, 1, 8))  # warm-up, not reported
-        levels = []
-        for concurrency in LEVELS:
-            level = asyncio.run(run_level(url, args.model, concurrency, args.requests_per_slot * concurrency, args.max_tokens))
-            levels.append(level)
-            print(f"concurrency {concurrency}: {level['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        for number, (name, source) in enumerate(sources.items()):
+            port = free_port()
+            cache = args.kv_cache_dtype if source is None else None  # an older server may not know the option
+            log = out.with_suffix(f".{number}.log")
+            servers[name] = (f"http://127.0.0.1:{port}", start_server(args.model, port, log, args.threads, source, cache))
+        for url, process in servers.values():
+            wait_healthy(url, process)
+            asyncio.run(run_level(url, args.model, 1, 1, 8))  # warm-up, not reported
+        rounds: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in LEVELS} for name in servers}
+        for number in range(args.rounds):
+            order = list(servers) if number % 2 == 0 else list(servers)[::-1]
+            for concurrency in LEVELS:
+                requests = max(args.requests_per_slot * concurrency, args.min_requests)
+                for name in order:
+                    url, process = servers[name]
+                    server_cpu = server_cpu_seconds(process.pid)
+                    level = asyncio.run(run_level(url, args.model, concurrency, requests, args.max_tokens))
+                    if server_cpu is not None:
+                        level["server_cpu_s"] = server_cpu_seconds(process.pid) - server_cpu
+                    rounds[name][concurrency].append(level)
+                    tokens_per_s = level["output_tokens"] / level["wall_s"]
+                    print(f"round {number + 1}, {name}, concurrency {concurrency}: {tokens_per_s:.1f} tokens/s", file=sys.stderr)
     finally:
-        process.terminate()
-        process.wait(60)
-    return levels
+        for _, process in servers.values():
+            process.terminate()
+        for _, process in servers.values():
+            process.wait(60)
+    return {name: [summarise(c, rounds[name][c]) for c in LEVELS] for name in servers}
 
 
 def main() -> None:
@@ -165,6 +207,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per level = this x concurrency")
+    parser.add_argument("--min-requests", type=int, default=16, help="every level sends at least this many requests per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every level; the servers take turns in each")
     parser.add_argument("--threads", type=int, default=None, help="passed to attendo serve --threads")
     parser.add_argument("--kv-cache-dtype", default=None, help="passed to attendo serve --kv-cache-dtype (this tree's server only)")
     parser.add_argument("--compare", default=None, help="a commit whose server to measure first, beside this one")
@@ -173,19 +217,21 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict]] = {}
-    if args.compare:
-        from bench_commits import export_source
+    with tempfile.TemporaryDirectory() as scratch:
+        sources: dict[str, Path | None] = {}
+        if args.compare:
+            from bench_commits import export_source
 
-        with tempfile.TemporaryDirectory() as scratch:
-            runs[args.compare] = measure(args, out, export_source(args.compare, Path(scratch)))
-    runs["this tree"] = measure(args, out, None)
+            sources[args.compare] = export_source(args.compare, Path(scratch))
+        sources["this tree"] = None
+        runs = measure(args, out, sources)
 
     from attendo.bench.hardware import vector_flags
 
     report = {
         "model": args.model,
         "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
         "threads": args.threads,
         "kv_cache_dtype": args.kv_cache_dtype,
         "machine": {"cpus": os.cpu_count(), "cpu_flags": vector_flags(), "platform": platform.platform(),
@@ -199,16 +245,24 @@ def main() -> None:
         return "-" if value is None else f"{value * 1000:.0f}"
 
     print(f"\n{args.model}, {args.max_tokens} max tokens per request, {os.cpu_count()} CPUs ({vector_flags()})")
-    print("| code | concurrency | requests | output tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+
+    def cpu(level: dict, key: str) -> str:
+        return f"{level[key]:.1f}" if key in level else "-"
+
+    print("| code | concurrency | requests | output tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
+          "| wall (s) | client CPU (s) | server CPU (s) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, levels in runs.items():
         for level in levels:
             print(
                 f"| {name} | {level['concurrency']} | {level['requests']} | {level['tokens_per_s']:.1f} | {ms(level['ttft_p50_s'])} "
-                f"| {ms(level['ttft_p99_s'])} | {ms(level['itl_p50_s'])} |"
+                f"| {ms(level['ttft_p99_s'])} | {ms(level['itl_p50_s'])} | {level['wall_s']:.1f} "
+                f"| {cpu(level, 'client_cpu_s')} | {cpu(level, 'server_cpu_s')} |"
             )
-    print(f"\nthis tree, throughput at 16 / at 1: {report['speedup_16_vs_1']:.1f}x; JSON in {out}")
+    print(f"\nthis tree, throughput at 16 / at 1: {report['speedup_16_vs_1']:.2f}x; JSON in {out}")
     if args.compare:
+        older = runs[args.compare]
+        print(f"{args.compare}, throughput at 16 / at 1: {older[-1]['tokens_per_s'] / older[0]['tokens_per_s']:.2f}x")
         gain = runs["this tree"][-1]["tokens_per_s"] / runs[args.compare][-1]["tokens_per_s"]
         print(f"at concurrency 16, this tree / {args.compare}: {gain:.2f}x")
 

@@ -228,6 +228,26 @@ def test_the_avx2_and_plain_c_builds_are_batch_invariant_too():
 
 
 
+@pytest.mark.parametrize("fmt", [Q.Q4_K, Q.Q5_0, Q.Q6_K], ids=lambda q: q.name)
+def test_packed_products_on_two_threads_equal_one_threads(fmt):
+    """The server runs torch on two threads, which split a packed product's panels between them:
+    every row's values are the bits one thread computes, alone or batched. (The suite runs torch
+    on one thread; this test asks for two, over a matrix of 192 panels.)"""
+    torch.manual_seed(0)
+    x = torch.randn(9, 256)
+    packed = kernels.pack(_random_blocks(fmt, 3072, 256, np.random.default_rng(1)), int(fmt), 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.matmul(x, packed, int(fmt), 3072, packed=True)
+        torch.set_num_threads(2)
+        for _ in range(5):
+            assert torch.equal(kernels.matmul(x, packed, int(fmt), 3072, packed=True), one)
+            assert all(torch.equal(kernels.matmul(x[i : i + 1], packed, int(fmt), 3072, packed=True), one[i : i + 1]) for i in range(9))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("weights", ["q4_1", "float32"])
 def test_the_avx2_builds_fused_decoder_is_batch_invariant_too(tiny_model, weights):
     """The whole fused stack (decoder.c: tiles of prompt rows, heads grouped by key/value head)

@@ -74,6 +74,38 @@ def test_a_ticket_gets_the_python_api_output(model):
         s.stop()
 
 
+def test_a_steps_deltas_reach_the_event_loop_in_one_wake_up(model):
+    """Three tickets of one and two choices decoding together: each step hands all its deltas to
+    the event loop with one call_soon_threadsafe, and every stream still gets its own text."""
+    s = scheduler(model, max_batch=3)
+    calls, steps = [], []
+    step = s.batch.step
+
+    def counted_step():
+        events = step()
+        steps.append(len(events))
+        return events
+
+    s.batch.step = counted_step
+    try:
+
+        async def go():
+            loop = asyncio.get_running_loop()
+            wake = loop.call_soon_threadsafe
+            loop.call_soon_threadsafe = lambda *args: calls.append(args) or wake(*args)
+            tickets = [s.submit(rs, loop) for rs in ([request(model)], [request(model, "Paris", 5)] * 2)]
+            return await asyncio.gather(*(drain(t) for t in tickets))
+
+        hello, paris = run(go())
+        assert "".join(d.text for d in hello) == model.generate("Hello", max_new_tokens=8, do_sample=False).text
+        for index in (0, 1):
+            mine = [d.text for d in paris if d.index == index]
+            assert "".join(mine) == model.generate("Paris", max_new_tokens=5, do_sample=False).text
+        assert len(calls) == sum(1 for events in steps if events) < len(hello) + len(paris)
+    finally:
+        s.stop()
+
+
 def test_the_queue_is_bounded(model):
     s = scheduler(model)
     try:
