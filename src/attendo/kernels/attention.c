@@ -26,9 +26,10 @@
 
 enum { LANES = 8 };
 
-/* The keys AHEAD_KEYS past the ones being scored are asked for early (a hint: no arithmetic
-   changes). A decode row's keys come from memory, and in a batch of 16 rows at 500 tokens,
-   waiting for them was most of the scores' time (the hardware prefetcher lagged behind). */
+/* The keys (and values) AHEAD_KEYS past the ones being read are asked for early (a hint: no
+   arithmetic changes). A decode row's keys and values come from memory, and in a batch of 16
+   rows at 500 tokens waiting for them was most of attention's time (the hardware prefetcher
+   lagged behind). */
 enum { AHEAD_KEYS = 32 };
 ALWAYS_INLINE void prefetch_rows(const float *row, long stride, int n, int dim) {
     for (int r = 0; r < n; r++)
@@ -173,6 +174,7 @@ static void weighted_tile(int n, const float *p, long stride, int from, int to, 
             for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_ps();
         for (int j = from; j < to; j++) {
             const float *row = v + j * v_stride + d;
+            if (j + AHEAD_KEYS < to) prefetch_rows(row + AHEAD_KEYS * v_stride, 0, 1, 64);
             const __m512 v0 = _mm512_loadu_ps(row), v1 = _mm512_loadu_ps(row + 16);
             const __m512 v2 = _mm512_loadu_ps(row + 32), v3 = _mm512_loadu_ps(row + 48);
             for (int i = 0; i < n; i++) {

@@ -264,6 +264,9 @@ ALWAYS_INLINE void panel_32(int format, int rows, const uint8_t *panel, int bloc
     /* the offset each format's codes carry: value = d·(code - offset) (+ m) */
     const int offset = format == Q8_0 ? 128 * ATTENDO_FULL_BYTE_DOT : format == Q4_0 ? 8 : format == Q5_0 ? 16 : 0;
     for (int b = 0; b < blocks; b++, panel += p.size) {
+        /* the same block of the next panel, asked for a panel ahead (a hint: the weights stream
+           from memory, and waiting for them was most of a batch's product time) */
+        for (int line = 0; line < p.size; line += 64) __builtin_prefetch(panel + (size_t)blocks * p.size + line);
         Bytes64 codes[8];
         codes_32(format, panel, &p, codes);
         const Floats16 d = f16_halves(panel + p.d);
