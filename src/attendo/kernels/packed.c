@@ -257,16 +257,18 @@ ALWAYS_INLINE void codes_32(int format, const uint8_t *block, const Parts *p, By
         }
 }
 
-/* acc[t] += row t of x · the panel's rows, for the 32-wide formats. */
+/* acc[t] += row t of x · the panel's rows, for the 32-wide formats; ahead: also ask for the next
+   panel's bytes (a panel's first tile of rows does; the tiles after it find this panel cached). */
 ALWAYS_INLINE void panel_32(int format, int rows, const uint8_t *panel, int blocks, const XBlock *const *x,
-                            Floats16 *acc) {
+                            Floats16 *acc, int ahead) {
     const Parts p = parts_of(format);
     /* the offset each format's codes carry: value = d·(code - offset) (+ m) */
     const int offset = format == Q8_0 ? 128 * ATTENDO_FULL_BYTE_DOT : format == Q4_0 ? 8 : format == Q5_0 ? 16 : 0;
     for (int b = 0; b < blocks; b++, panel += p.size) {
         /* the same block of the next panel, asked for a panel ahead (a hint: the weights stream
            from memory, and waiting for them was most of a batch's product time) */
-        for (int line = 0; line < p.size; line += 64) __builtin_prefetch(panel + (size_t)blocks * p.size + line);
+        if (ahead)
+            for (int line = 0; line < p.size; line += 64) __builtin_prefetch(panel + (size_t)blocks * p.size + line);
         Bytes64 codes[8];
         codes_32(format, panel, &p, codes);
         const Floats16 d = f16_halves(panel + p.d);
@@ -379,7 +381,7 @@ ALWAYS_INLINE void panel_k6(int rows, const uint8_t *panel, int blocks, const XS
 
 /* y[t·ldy + 16·panel ...] for the panel, for rows t < rows of x. */
 ALWAYS_INLINE void panel_tile(int format, int rows, const uint8_t *panel, int blocks, const void *x, size_t x_stride,
-                              float *y, size_t ldy, int valid) {
+                              float *y, size_t ldy, int valid, int ahead) {
     Floats16 acc[TILE];
     for (int t = 0; t < rows; t++) acc[t] = f16_zero();
     if (is_k_quant(format)) {
@@ -390,7 +392,7 @@ ALWAYS_INLINE void panel_tile(int format, int rows, const uint8_t *panel, int bl
     } else {
         const XBlock *xr[TILE];
         for (int t = 0; t < rows; t++) xr[t] = (const XBlock *)((const char *)x + t * x_stride);
-        panel_32(format, rows, panel, blocks, xr, acc);
+        panel_32(format, rows, panel, blocks, xr, acc, ahead);
     }
     for (int t = 0; t < rows; t++) {
         if (valid == PANEL) {
@@ -413,8 +415,9 @@ ALWAYS_INLINE void packed_panels(int format, const uint8_t *packed, int out, int
         float *yp = y + panel * PANEL;
         int t = 0;
         for (; t + TILE <= rows; t += TILE)
-            panel_tile(format, TILE, data, blocks, (const char *)x + t * x_stride, x_stride, yp + t * ldy, ldy, valid);
-        for (; t < rows; t++) panel_tile(format, 1, data, blocks, (const char *)x + t * x_stride, x_stride, yp + t * ldy, ldy, valid);
+            panel_tile(format, TILE, data, blocks, (const char *)x + t * x_stride, x_stride, yp + t * ldy, ldy, valid, t == 0);
+        for (; t < rows; t++)
+            panel_tile(format, 1, data, blocks, (const char *)x + t * x_stride, x_stride, yp + t * ldy, ldy, valid, t == 0);
     }
 }
 
