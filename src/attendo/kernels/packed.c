@@ -257,18 +257,21 @@ ALWAYS_INLINE void codes_32(int format, const uint8_t *block, const Parts *p, By
         }
 }
 
-/* acc[t] += row t of x · the panel's rows, for the 32-wide formats; ahead: also ask for the next
-   panel's bytes (a panel's first tile of rows does; the tiles after it find this panel cached). */
+/* A hint: bring these bytes (the same block of the next panel) in while this one is multiplied.
+   The weights stream from memory, and waiting for them was most of a batch's product time; a
+   panel's first tile of rows asks ("ahead"), the tiles after it find the panel cached. */
+ALWAYS_INLINE void ask_ahead(const uint8_t *bytes, int size) {
+    for (int line = 0; line < size; line += 64) __builtin_prefetch(bytes + line);
+}
+
+/* acc[t] += row t of x · the panel's rows, for the 32-wide formats. */
 ALWAYS_INLINE void panel_32(int format, int rows, const uint8_t *panel, int blocks, const XBlock *const *x,
                             Floats16 *acc, int ahead) {
     const Parts p = parts_of(format);
     /* the offset each format's codes carry: value = d·(code - offset) (+ m) */
     const int offset = format == Q8_0 ? 128 * ATTENDO_FULL_BYTE_DOT : format == Q4_0 ? 8 : format == Q5_0 ? 16 : 0;
     for (int b = 0; b < blocks; b++, panel += p.size) {
-        /* the same block of the next panel, asked for a panel ahead (a hint: the weights stream
-           from memory, and waiting for them was most of a batch's product time) */
-        if (ahead)
-            for (int line = 0; line < p.size; line += 64) __builtin_prefetch(panel + (size_t)blocks * p.size + line);
+        if (ahead) ask_ahead(panel + (size_t)blocks * p.size, p.size);
         Bytes64 codes[8];
         codes_32(format, panel, &p, codes);
         const Floats16 d = f16_halves(panel + p.d);
@@ -300,10 +303,11 @@ ALWAYS_INLINE void k_scales(const uint8_t *bytes, __m128i *scale, __m128i *min) 
 
 /* acc[t] += row t of x · the panel's rows, for Q4_K and Q5_K. */
 ALWAYS_INLINE void panel_k4(int format, int rows, const uint8_t *panel, int blocks, const XSuper *const *x,
-                            Floats16 *acc) {
+                            Floats16 *acc, int ahead) {
     const Parts p = parts_of(format);
     const Bytes64 low = b64_set8(0x0F);
     for (int b = 0; b < blocks; b++, panel += p.size) {
+        if (ahead) ask_ahead(panel + (size_t)blocks * p.size, p.size);
         __m128i scale[8], min[8];
         k_scales(panel + p.scales, scale, min);
         Bytes64 products[TILE], mins[TILE];
@@ -340,10 +344,12 @@ ALWAYS_INLINE void panel_k4(int format, int rows, const uint8_t *panel, int bloc
 }
 
 /* acc[t] += row t of x · the panel's rows, for Q6_K. */
-ALWAYS_INLINE void panel_k6(int rows, const uint8_t *panel, int blocks, const XSuper *const *x, Floats16 *acc) {
+ALWAYS_INLINE void panel_k6(int rows, const uint8_t *panel, int blocks, const XSuper *const *x, Floats16 *acc,
+                            int ahead) {
     const Parts p = parts_of(Q6_K);
     const Bytes64 low = b64_set8(0x0F), two = b64_set8(3);
     for (int b = 0; b < blocks; b++, panel += p.size) {
+        if (ahead) ask_ahead(panel + (size_t)blocks * p.size, p.size);
         Bytes64 products[TILE], offsets[TILE];
         for (int t = 0; t < rows; t++) products[t] = offsets[t] = b64_zero();
         for (int half = 0; half < 2; half++)
@@ -387,8 +393,8 @@ ALWAYS_INLINE void panel_tile(int format, int rows, const uint8_t *panel, int bl
     if (is_k_quant(format)) {
         const XSuper *xr[TILE];
         for (int t = 0; t < rows; t++) xr[t] = (const XSuper *)((const char *)x + t * x_stride);
-        if (format == Q6_K) panel_k6(rows, panel, blocks, xr, acc);
-        else panel_k4(format, rows, panel, blocks, xr, acc);
+        if (format == Q6_K) panel_k6(rows, panel, blocks, xr, acc, ahead);
+        else panel_k4(format, rows, panel, blocks, xr, acc, ahead);
     } else {
         const XBlock *xr[TILE];
         for (int t = 0; t < rows; t++) xr[t] = (const XBlock *)((const char *)x + t * x_stride);
