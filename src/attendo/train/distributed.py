@@ -54,14 +54,6 @@ def start() -> Processes:
     return Processes(dist.get_rank(), dist.get_world_size(), device)
 
 
-def wait_for_all(processes: Processes) -> None:
-    """Return once every process has finished its work. Called before a run that went well tears
-    the group down: a process that leaves while another still writes its files can abort in gloo's
-    teardown ("terminate called without an active exception", about one torchrun in twelve here)."""
-    if processes.distributed:
-        dist.barrier()
-
-
 def finish(processes: Processes) -> None:
     if processes.distributed and dist.is_initialized():
         dist.destroy_process_group()

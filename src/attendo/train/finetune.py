@@ -179,7 +179,6 @@ def finetune(
         outcome = Trainer(Job(network, train, held_out, out, save_model, record), settings, processes).run(resume)
         if processes.is_main:
             plot_loss(out)
-        distributed.wait_for_all(processes)
         return outcome
     finally:
         distributed.finish(processes)

@@ -177,7 +177,6 @@ def pretrain(
         outcome = Trainer(job, settings, processes).run(resume)
         if processes.is_main:
             plot_loss(out)
-        distributed.wait_for_all(processes)
         return outcome
     finally:
         distributed.finish(processes)
