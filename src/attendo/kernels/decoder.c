@@ -257,6 +257,18 @@ typedef struct {
     float *wide_keys, *wide_values;
 } Cache;
 
+/* x += post_norm?(y + bias) row by row: how each sublayer's output joins the residual stream. */
+static void add_to_residual(const Layer *L, const Matrix *projection, const Norm *post_norm, float *x, int rows, float *y_rows) {
+#pragma omp for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        float *y = y_rows + (size_t)r * L->dim, *xr = x + (size_t)r * L->dim;
+        if (projection->bias)
+            for (int i = 0; i < L->dim; i++) y[i] += projection->bias[i];
+        if (post_norm->weight) normalize(post_norm, y, L->dim, y);
+        for (int i = 0; i < L->dim; i++) xr[i] += y[i];
+    }
+}
+
 static void attention_block(const Layer *L, float *x, int rows, const int64_t *positions, const int64_t *slots,
                             const Rotations *rotations, const Cache *c, Scratch *s, float *scores) {
     const int hd = L->head_dim, q_width = L->heads * hd, kv_width = L->kv_heads * hd, max_len = c->max_len;
@@ -341,14 +353,7 @@ static void attention_block(const Layer *L, float *x, int rows, const int64_t *p
                     L->alibi ? L->alibi[h] : 0.0f, scores, max_len + 16, out);
     }
     project(&L->out, s->attended, rows, &s->rounded, s->projected);
-#pragma omp for schedule(static)
-    for (int r = 0; r < rows; r++) {
-        float *y = s->projected + (size_t)r * L->dim, *xr = x + (size_t)r * L->dim;
-        if (L->out.bias)
-            for (int i = 0; i < L->dim; i++) y[i] += L->out.bias[i];
-        if (L->post_attn_norm.weight) normalize(&L->post_attn_norm, y, L->dim, y);
-        for (int i = 0; i < L->dim; i++) xr[i] += y[i];
-    }
+    add_to_residual(L, &L->out, &L->post_attn_norm, x, rows, s->projected);
 }
 
 static void mlp_block(const Layer *L, float *x, int rows, Scratch *s) {
@@ -364,14 +369,7 @@ static void mlp_block(const Layer *L, float *x, int rows, Scratch *s) {
         activate_row(L->activation, L->gated, up, L->ffn, hidden);
     }
     project(&L->down, s->hidden, rows, &s->rounded, s->projected);
-#pragma omp for schedule(static)
-    for (int r = 0; r < rows; r++) {
-        float *y = s->projected + (size_t)r * L->dim, *xr = x + (size_t)r * L->dim;
-        if (L->down.bias)
-            for (int i = 0; i < L->dim; i++) y[i] += L->down.bias[i];
-        if (L->post_mlp_norm.weight) normalize(&L->post_mlp_norm, y, L->dim, y);
-        for (int i = 0; i < L->dim; i++) xr[i] += y[i];
-    }
+    add_to_residual(L, &L->down, &L->post_mlp_norm, x, rows, s->projected);
 }
 
 static size_t largest(const Layer *layers, int n, int (*size)(const Layer *)) {
