@@ -42,26 +42,32 @@ class RecordingBatch(Batch):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.logits: dict[int, list[torch.Tensor]] = {}
+        self.chosen: list[tuple[object, torch.Tensor]] = []  # (sequence, logits) of every token chosen
 
     def _accept(self, sequence, logits, token=None):
-        self.logits.setdefault(id(sequence), []).append(logits.clone())
+        self.chosen.append((sequence, logits.clone()))
         return super()._accept(sequence, logits, token)
+
+    def logits(self, sequence) -> list[torch.Tensor]:
+        return [logits for chosen, logits in self.chosen if chosen is sequence]
 
 
 def target_logits(model: attendo.Model, way: str) -> list[torch.Tensor]:
     """Each step's logits for TARGET (greedy), run one way: "alone", "batched" (with four others
     added at once), "joined" (added after three steps of a running batch), "chunked" (its
     prompt prefilled three tokens at a time) or "grouped" (batched, and every prompt prefilled
-    three tokens at a time: the chunks of all five share each forward, shorter ones padded)."""
+    three tokens at a time: the chunks of all five share each forward, shorter ones padded),
+    "reused" (its slot kept the keys and values of an earlier sequence that began with the same
+    four tokens, which it does not prefill again) or "repeated" (an earlier run of the same
+    request left its slot holding the whole prompt: only the last prompt token is prefilled)."""
     encode = model.tokenizer.encode
     request = Request(encode(TARGET), SamplingSettings(), NEW_TOKENS)
     others = [Request(encode(text), SamplingSettings(), NEW_TOKENS + 4) for text in OTHERS]
-    slots = {"alone": 1, "chunked": 1, "batched": 5, "grouped": 5, "joined": 3}[way]
+    slots = {"alone": 1, "chunked": 1, "batched": 5, "grouped": 5, "joined": 3, "reused": 2, "repeated": 2}[way]
     fixed = model.decode_step is not None  # a compiled step: a fixed-shape cache of 64 positions
     batch = RecordingBatch(
         model.network, model.tokenizer, [], slots, 64, prefill_chunk=3 if way in ("chunked", "grouped") else 512,
-        decode_step=model.decode_step,
+        decode_step=model.decode_step, reuse_prefixes=way in ("reused", "repeated"),
     )  # fmt: skip
     assert batch.cache.fixed_shapes == fixed
     if way in ("batched", "grouped"):
@@ -72,16 +78,22 @@ def target_logits(model: attendo.Model, way: str) -> list[torch.Tensor]:
         batch.add(others[1])
         for _ in range(3):
             batch.step()
+    if way in ("reused", "repeated"):
+        earlier = request if way == "repeated" else Request(request.prompt_ids[:4] + others[3].prompt_ids, SamplingSettings(), 3)
+        batch.add(earlier)
+        while batch.busy:
+            batch.step()
     target = batch.add(request)
     if way in ("batched", "grouped"):
         for other in others[2:]:
             batch.add(other)
     while batch.busy:
         batch.step()
-    return batch.logits[id(target)]
+    assert target.reused == {"reused": 4, "repeated": len(request.prompt_ids) - 1}.get(way, 0)
+    return batch.logits(target)
 
 
-def assert_same_bits(model: attendo.Model, ways=("batched", "joined", "chunked", "grouped")) -> None:
+def assert_same_bits(model: attendo.Model, ways=("batched", "joined", "chunked", "grouped", "reused", "repeated")) -> None:
     alone = target_logits(model, "alone")
     assert len(alone) == NEW_TOKENS
     for way in ways:
@@ -103,6 +115,39 @@ def test_alone_batched_joined_and_chunked_give_the_same_logits(tiny_model, kind,
         assert fused.unfusable(model.network) is None
     assert_same_bits(model)
 
+
+
+def continue_the_conversation(model: attendo.Model, prompt: str, answer: int, batch_type: type = RecordingBatch, **extra):
+    """A first request (`answer` new tokens), then one whose prompt is the first's prompt, its
+    answer and more (the next turn of a chat), in one slot that keeps its keys and values; and
+    the second again in a fresh batch. Returns the first batch, how many prompt tokens the second
+    reused, and each run's logits for the second."""
+    encode = model.tokenizer.encode
+    batch = batch_type(model.network, model.tokenizer, [], 1, 128, reuse_prefixes=True, **extra)
+    first = batch.add(Request(encode(prompt), SamplingSettings(), answer))
+    while batch.busy:
+        batch.step()
+    follow_up = Request(first.request.prompt_ids + first.generated + encode(" Yes, and"), SamplingSettings(), 6)
+    second = batch.add(follow_up)
+    while batch.busy:
+        batch.step()
+    fresh = batch_type(model.network, model.tokenizer, [], 1, 128, **extra)
+    alone = fresh.add(follow_up)
+    while fresh.busy:
+        fresh.step()
+    assert second.generated == alone.generated
+    return batch, second.reused, batch.logits(second), fresh.logits(alone)
+
+
+@pytest.mark.parametrize("weights", ["float32", "q4_1"])
+def test_a_follow_up_prompt_reuses_what_decoding_wrote_and_gets_the_same_logits(tiny_model, weights):
+    """The kept keys and values of the first answer were written one decode step at a time; the
+    follow-up prefills only its new tokens and gets the bits of a fresh, whole prefill."""
+    model = attendo.load(tiny_model("llama-gqa")[0], dtype=weights)
+    _, reused, kept, fresh = continue_the_conversation(model, TARGET, 8)
+    assert reused == len(model.tokenizer.encode(TARGET)) + 8 - 1  # all but the answer's last token
+    assert len(kept) == len(fresh) == 6
+    assert all(torch.equal(a, b) for a, b in zip(kept, fresh))
 
 
 def test_prompts_waiting_together_are_prefilled_in_one_forward(tiny_model):
@@ -323,3 +368,32 @@ def test_smollm2_server_streams_sent_together_equal_the_same_sent_one_by_one(smo
         alone = _server_answers(server, "smollm2", prompts, concurrently=False)
         together = _server_answers(server, "smollm2", prompts, concurrently=True)
     assert together == alone
+
+
+def test_server_prefix_cache_reuses_a_conversations_start_and_answers_the_same(tiny_llama_dir):
+    """A chat's second turn repeats the first turn and its answer: with the prefix cache, the
+    server reuses their keys and values (usage.prompt_tokens_details.cached_tokens says how
+    many) and answers with the bits of a server that prefills everything."""
+    from test_server import live
+
+    model = attendo.load(tiny_llama_dir)
+    first = [{"role": "user", "content": OTHERS[0]}]
+    runs = {}
+    for cache in (True, False):
+        for server in live({"tiny": model}, prefix_cache=cache, prefill_chunk=4):
+            client = server.client()
+
+            def ask(messages):
+                reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True)
+                choice = reply.choices[0]
+                logprobs = [item.logprob for item in choice.logprobs.content]
+                return choice.message.content, logprobs, reply.usage.prompt_tokens, reply.usage.prompt_tokens_details.cached_tokens
+
+            answer = ask(first)
+            second = first + [{"role": "assistant", "content": answer[0]}, {"role": "user", "content": "Go on."}]
+            runs[cache] = (answer, ask(second))
+    assert [run[:2] for run in runs[True]] == [run[:2] for run in runs[False]]
+    (_, _, first_prompt, first_cached), (_, _, _, second_cached) = runs[True]
+    assert first_cached <= 1  # at most the warm-up's one token (the BOS token a template may begin with)
+    assert first_prompt - 1 <= second_cached  # the first turn at least (its answer may re-tokenize differently)
+    assert [run[3] for run in runs[False]] == [0, 0]

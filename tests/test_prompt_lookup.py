@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from test_batch_invariance import RecordingBatch, _random_blocks
+from test_batch_invariance import RecordingBatch, _random_blocks, continue_the_conversation
 from test_seq2seq import _t5_v10
 from tiny_families import SENTENCES
 
@@ -48,7 +48,7 @@ def both_ways(model: attendo.Model, prompt_ids: list[int], new_tokens: int, sett
         sequence = batch.add(Request(prompt_ids, settings, new_tokens, **request))
         while batch.busy:
             batch.step()
-        runs.append((sequence, batch.logits[id(sequence)]))
+        runs.append((sequence, batch.logits(sequence)))
     return runs[0], runs[1], batch
 
 
@@ -67,6 +67,18 @@ def assert_repeating_text_decodes_the_same(model: attendo.Model, settings=Sampli
     assert_same(plain, lookup)
     assert batch.drafted > 0
     return plain, lookup
+
+
+def test_a_follow_up_after_lookup_decoding_reuses_only_keys_of_chosen_tokens(tiny_model):
+    """Drafts a pass rejected leave their keys behind the sequence's end: a slot keeps only the
+    chosen tokens' keys and values, so a follow-up prompt built on the answer gets the logits of
+    a fresh prefill."""
+    model = attendo.load(tiny_model("llama-gqa")[0], dtype="q4_1")
+    batch, reused, kept, fresh = continue_the_conversation(model, REPEATING, 16, RecordingLookupBatch, draft_tokens=DRAFTS)
+    assert batch.drafted > batch.accepted > 0  # some drafts were taken and some were not
+    assert reused == len(model.tokenizer.encode(REPEATING)) + 16 - 1
+    assert len(kept) == len(fresh) == 6
+    assert all(torch.equal(a, b) for a, b in zip(kept, fresh))
 
 
 # --- the drafter --------------------------------------------------------------------------------

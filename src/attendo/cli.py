@@ -400,7 +400,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServerSettings(
         models=models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
         max_len=args.max_len, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, shutdown_grace=args.shutdown_grace,
-        indexes=indexes, prompt_lookup=args.prompt_lookup,
+        indexes=indexes, prompt_lookup=args.prompt_lookup, prefix_cache=not args.no_prefix_cache,
         adapters=_served_adapters(args.adapter or [], models),
     )  # fmt: skip
     if args.threads:
@@ -520,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds open requests may finish after SIGTERM")
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                    help="while one request decodes alone, check up to N draft tokens per step copied from its text (default 0: off)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt whole instead of reusing the keys and values of an earlier prompt's start")
     p.add_argument("--index", action="append", metavar="NAME=FILE",
                    help="serve a retrieval index (attendo index) as NAME: /v1/retrieve, /v1/indexes/NAME/chat/completions")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's choice)")

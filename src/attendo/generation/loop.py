@@ -67,6 +67,7 @@ class Sequence:
     generator: torch.Generator
     slot: int = -1
     prefilled: int = 0
+    reused: int = 0  # prompt tokens whose keys and values were already in its slot (Batch reuse_prefixes)
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -82,6 +83,14 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.request.prompt_ids) + len(self.generated)
+
+    def cached_ids(self) -> list[int]:
+        """The tokens whose keys and values its slot holds: the prompt's prefilled part, and once it
+        decodes, every token but the newest (which the next step feeds in)."""
+        prompt = self.request.prompt_ids
+        if self.prefilled < len(prompt):
+            return prompt[: self.prefilled]
+        return (prompt + self.generated)[:-1]
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -139,9 +148,16 @@ class Batch:
         max_len: int,
         prefill_chunk: int = 512,
         decode_step: Callable[..., torch.Tensor] | None = None,
+        reuse_prefixes: bool = False,
     ) -> None:
         """decode_step: the network compiled for fixed shapes (optimize.compile_decode), used for
-        every decode step with a cache of fixed shapes; prefill always runs the network eagerly."""
+        every decode step with a cache of fixed shapes; prefill always runs the network eagerly.
+
+        reuse_prefixes: a free slot keeps the keys and values its last sequence left, and a new
+        sequence takes the free slot whose kept tokens begin its prompt for longest, prefilling
+        only the rest. Its logits are the bits a whole prefill gives wherever a prompt prefilled
+        in chunks gets them (the kernels' products and attention: tests/test_batch_invariance.py),
+        since the kept keys and values are those of the same tokens at the same positions."""
         self.network = network
         self.decode_step = network if decode_step is None else decode_step
         self.tokenizer = tokenizer
@@ -150,6 +166,8 @@ class Batch:
         self.prefill_chunk = prefill_chunk
         self.cache = network.new_cache(slots, max_len, fixed_shapes=decode_step is not None)
         self.free_slots = list(range(slots))
+        self.reuse_prefixes = reuse_prefixes
+        self.slot_tokens: list[list[int]] = [[] for _ in range(slots)]  # a free slot's kept tokens
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []
@@ -165,7 +183,7 @@ class Batch:
         for group in (self.prefilling, self.decoding):
             if sequence in group:
                 group.remove(sequence)
-                self.free_slots.append(sequence.slot)
+                self._free(sequence)
         if sequence in self.waiting:
             self.waiting.remove(sequence)
         if sequence.finish_reason is None:
@@ -180,11 +198,33 @@ class Batch:
         events = self._decode() if self.decoding else []
         while self.waiting and self.free_slots:
             sequence = self.waiting.popleft()
-            sequence.slot = self.free_slots.pop(0)
+            self._place(sequence)
             self.prefilling.append(sequence)
         if self.prefilling:
             events += self._prefill()
         return events
+
+    def _place(self, sequence: Sequence) -> None:
+        """Give a waiting sequence a free slot: the first one, or with reuse_prefixes the one whose
+        kept tokens share the longest start with its prompt, whose keys and values it keeps
+        (all but the prompt's last token at most: the prefill must run one for the logits)."""
+        prompt, place, shared = sequence.request.prompt_ids, 0, 0
+        if self.reuse_prefixes:
+            for place_here, slot in enumerate(self.free_slots):
+                kept = self.slot_tokens[slot]
+                same = next((i for i, (a, b) in enumerate(zip(kept, prompt)) if a != b), min(len(kept), len(prompt)))
+                if same > shared:
+                    place, shared = place_here, same
+        sequence.slot = self.free_slots.pop(place)
+        sequence.prefilled = sequence.reused = min(shared, len(prompt) - 1)
+
+    def _free(self, sequence: Sequence) -> None:
+        kept = sequence.cached_ids() if self.reuse_prefixes else []
+        if self.decode_step is not self.network:
+            # A compiled step rounds differently from the eager prefill a fresh prompt would get.
+            kept = kept[: sequence.prefilled]
+        self.slot_tokens[sequence.slot] = kept
+        self.free_slots.append(sequence.slot)
 
     def _prefill(self) -> list[Event]:
         """The next chunk of every prompt being prefilled, several prompts to a forward; a prompt
@@ -260,7 +300,7 @@ class Batch:
         event = accept_token(sequence, logits, logits, sequence.request.prompt_ids, self.eos, self.tokenizer, token)
         if sequence.finished:
             self.decoding.remove(sequence)
-            self.free_slots.append(sequence.slot)
+            self._free(sequence)
         return event
 
 

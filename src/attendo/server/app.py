@@ -178,6 +178,11 @@ class Flight:
     def deltas(self) -> AsyncIterator[Delta]:
         return self.ticket.deltas()
 
+    def cached_tokens(self, n: int) -> int:
+        """Prompt tokens the scheduler reused from its cache (each prompt once, not once per choice);
+        read once the ticket's sequences have all started."""
+        return sum(sequence.reused for sequence in self.ticket.sequences[::n])
+
     async def collect(self) -> list[Choice]:
         choices = [Choice() for _ in self.ticket.requests]
         async for delta in self.deltas():
@@ -288,7 +293,7 @@ async def completions(request: Request) -> Response:
             | token_ids.of(c.token_ids)
             for i, c in enumerate(choices)
         ]
-        usage = openai.usage(prompt_tokens, sum(c.tokens for c in choices))
+        usage = openai.usage(prompt_tokens, sum(c.tokens for c in choices), flight.cached_tokens(body.n))
         return JSONResponse(openai.completion(id, created, body.model, result) | {"usage": usage} | token_ids.prompt_once())
 
     usage_field = {"usage": None} if body.include_usage else {}
@@ -315,7 +320,7 @@ async def completions(request: Request) -> Response:
                     yield chunk(delta.index, delta.text, logprobs(entries, offsets[delta.index]), delta.finish_reason)
                     offsets[delta.index] += sum(len(e.token) for e in entries)
             if body.include_usage:
-                usage = openai.usage(prompt_tokens, generated)
+                usage = openai.usage(prompt_tokens, generated, flight.cached_tokens(body.n))
                 yield openai.sse(openai.completion(id, created, body.model, []) | {"usage": usage})
             yield openai.sse("[DONE]")
         except ClientGone:
@@ -355,7 +360,7 @@ async def chat_completions(request: Request) -> Response:
             openai.chat_choice(i, m, logprobs(c.logprobs), f) | token_ids.of(c.token_ids)
             for i, (c, (m, f)) in enumerate(zip(choices, replies))
         ]
-        usage = openai.usage(prompt_tokens, sum(c.tokens for c in choices))
+        usage = openai.usage(prompt_tokens, sum(c.tokens for c in choices), flight.cached_tokens(body.n))
         return JSONResponse(openai.chat_completion(id, created, body.model, result) | {"usage": usage} | token_ids.prompt_once())
 
     usage_field = {"usage": None} if body.include_usage else {}
@@ -383,7 +388,7 @@ async def chat_completions(request: Request) -> Response:
                         yield chunk(delta.index, piece, logprobs(pending.pop(delta.index, [])), None)
                     yield chunk(delta.index, {}, logprobs(pending.pop(delta.index, [])), finish_reason)
             if body.include_usage:
-                usage = openai.usage(prompt_tokens, generated)
+                usage = openai.usage(prompt_tokens, generated, flight.cached_tokens(body.n))
                 yield openai.sse(openai.chat_chunk(id, created, body.model, []) | {"usage": usage})
             yield openai.sse("[DONE]")
         except ClientGone:

@@ -101,10 +101,14 @@ class Scheduler:
         max_len: int,
         prefill_chunk: int = 256,
         prompt_lookup: int = 0,
+        prefix_cache: bool = True,
         metrics: Metrics | None = None,
     ) -> None:
         """prompt_lookup: draft tokens checked per step while a single sequence decodes
-        (attendo.generation.lookup); 0: plain decoding."""
+        (attendo.generation.lookup); 0: plain decoding. prefix_cache: a new sequence takes the
+        free cache slot whose kept tokens begin its prompt for longest and prefills only the rest
+        (Batch's reuse_prefixes): chat requests share their template and system prompt, and a
+        conversation's next turn repeats the whole of the last one."""
         self.name = name
         self.model = model
         self.max_batch = max_batch
@@ -112,6 +116,7 @@ class Scheduler:
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
         self.prompt_lookup = prompt_lookup
+        self.prefix_cache = prefix_cache
         self.metrics = metrics
         self.batch = self._new_batch()
         self._lock = threading.Condition()
@@ -131,9 +136,12 @@ class Scheduler:
         if self.prompt_lookup:
             return LookupBatch(
                 m.network, m.tokenizer, m.eos_token_ids, self.max_batch, self.max_len, self.prefill_chunk,
-                draft_tokens=self.prompt_lookup,
+                draft_tokens=self.prompt_lookup, reuse_prefixes=self.prefix_cache,
             )  # fmt: skip
-        return Batch(m.network, m.tokenizer, m.eos_token_ids, self.max_batch, self.max_len, self.prefill_chunk)
+        return Batch(
+            m.network, m.tokenizer, m.eos_token_ids, self.max_batch, self.max_len, self.prefill_chunk,
+            reuse_prefixes=self.prefix_cache,
+        )  # fmt: skip
 
     # --- called from any thread ---------------------------------------------------------------
 

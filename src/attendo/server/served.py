@@ -29,6 +29,7 @@ class ServerSettings:
     max_len: int = 2048  # tokens (prompt + completion) per sequence, capped by the model's context
     prefill_chunk: int = 256  # prompt tokens prefilled per sequence per step
     prompt_lookup: int = 0  # draft tokens checked per step while one sequence decodes (0: off)
+    prefix_cache: bool = True  # a new prompt reuses the keys and values a finished one left in its slot
     max_body_bytes: int = 4 * 2**20
     dtype: str | None = None
     kv_cache_dtype: str | None = None  # see attendo.load
@@ -106,7 +107,8 @@ class ServedModels:
         if model.config.family == "decoder":
             scheduler = Scheduler(
                 name, model, max_batch=s.max_batch, max_queue=s.max_queue, max_len=window,
-                prefill_chunk=s.prefill_chunk, prompt_lookup=s.prompt_lookup, metrics=self.metrics,
+                prefill_chunk=s.prefill_chunk, prompt_lookup=s.prompt_lookup, prefix_cache=s.prefix_cache,
+                metrics=self.metrics,
             )  # fmt: skip
             scheduler.warm_up()  # /health stays 503 until this is done
             scheduler.start()
