@@ -7,6 +7,9 @@ level's requests kept in flight by a semaphore), --rounds times over, and report
 - aggregate output tokens/s: completion tokens of the level's rounds / their wall time
 - time to first token (p50, p99): request sent -> first content chunk
 - inter-token latency (p50): gaps between consecutive content chunks of one stream
+- prompt tokens cached: the share of prompt tokens the server did not prefill, reusing the keys and
+  values an earlier request left (usage.prompt_tokens_details.cached_tokens; the prompts share the
+  chat template and its system prompt, and repeat every 8 requests unless --distinct-prompts)
 - CPU seconds the level took in this client process (time.process_time) and in the server process
   (its utime + stime from /proc, where there is one): client and server share the machine's cores
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -45,6 +49,7 @@ PROMPTS = [
     "Write a story about a robot that learns to paint.",
 ]
 LEVELS = (1, 4, 16)
+REQUEST_NUMBERS = itertools.count()
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -66,7 +71,7 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str
     }
     sent = time.perf_counter()
     arrivals: list[float] = []
-    tokens = 0
+    tokens = prompt_tokens = cached_tokens = 0
     async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -74,7 +79,9 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+                usage = chunk["usage"]
+                tokens, prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
+                cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             for choice in chunk["choices"]:
                 if choice["delta"].get("content"):
                     arrivals.append(time.perf_counter())
@@ -82,6 +89,8 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str
         "ttft": arrivals[0] - sent if arrivals else None,
         "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])],
         "tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached_tokens,
     }
 
 
@@ -94,14 +103,19 @@ def server_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime in ticks
 
 
-async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
-    """One level's requests against one server: what summarise() needs, from every request."""
+async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int, distinct: bool = False) -> dict:
+    """One level's requests against one server: what summarise() needs, from every request.
+    distinct: every prompt begins with a number no other request of the run has, so that a prefix
+    cache can reuse only the chat template's start."""
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=concurrency)) as http:
 
         async def bounded(i: int) -> dict:
             async with limit:
-                return await one_request(http, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, seed=i)
+                prompt = PROMPTS[i % len(PROMPTS)]
+                if distinct:
+                    prompt = f"Request {next(REQUEST_NUMBERS)}: {prompt}"
+                return await one_request(http, url, model, prompt, max_tokens, seed=i)
 
         started, cpu = time.perf_counter(), time.process_time()
         results = await asyncio.gather(*(bounded(i) for i in range(requests)))
@@ -109,6 +123,8 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
     return {
         "requests": requests,
         "output_tokens": sum(r["tokens"] for r in results),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in results),
+        "cached_tokens": sum(r["cached_tokens"] for r in results),
         "wall_s": wall,
         "client_cpu_s": cpu,
         "ttfts": [r["ttft"] for r in results if r["ttft"] is not None],
@@ -118,12 +134,14 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
 
 def summarise(concurrency: int, rounds: list[dict]) -> dict:
     """A level over every round: tokens/s is all its completion tokens / all its wall time."""
-    total = {key: sum(r[key] for r in rounds) for key in ("requests", "output_tokens", "wall_s", "client_cpu_s")}
+    keys = ("requests", "output_tokens", "prompt_tokens", "cached_tokens", "wall_s", "client_cpu_s")
+    total = {key: sum(r[key] for r in rounds) for key in keys}
     ttfts = [t for r in rounds for t in r["ttfts"]]
     level = {
         "concurrency": concurrency,
         **total,
         "tokens_per_s": total["output_tokens"] / total["wall_s"],
+        "cached_share": total["cached_tokens"] / total["prompt_tokens"] if total["prompt_tokens"] else 0.0,
         "tokens_per_s_by_round": [r["output_tokens"] / r["wall_s"] for r in rounds],
         "ttft_p50_s": percentile(ttfts, 50),
         "ttft_p99_s": percentile(ttfts, 99),
@@ -140,15 +158,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, log: Path, threads: int | None, source: Path | None, cache: str | None) -> subprocess.Popen:
+def start_server(model: str, port: int, log: Path, threads: int | None, source: Path | None, options: list[str]) -> subprocess.Popen:
     command = [sys.executable, "-m", "attendo.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--max-batch", "16", "--max-queue", "64", "--log-level", "warning"]  # fmt: skip
     if threads:
         command += ["--threads", str(threads)]
-    if cache:
-        command += ["--kv-cache-dtype", cache]
     env = {**os.environ, "PYTHONPATH": str(source)} if source else None
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(command + options, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
@@ -174,9 +190,13 @@ def measure(args: argparse.Namespace, out: Path, sources: dict[str, Path | None]
     try:
         for number, (name, source) in enumerate(sources.items()):
             port = free_port()
-            cache = args.kv_cache_dtype if source is None else None  # an older server may not know the option
+            options = []  # this tree's server only: an older one may not know them
+            if source is None and args.kv_cache_dtype:
+                options += ["--kv-cache-dtype", args.kv_cache_dtype]
+            if source is None and args.no_prefix_cache:
+                options.append("--no-prefix-cache")
             log = out.with_suffix(f".{number}.log")
-            servers[name] = (f"http://127.0.0.1:{port}", start_server(args.model, port, log, args.threads, source, cache))
+            servers[name] = (f"http://127.0.0.1:{port}", start_server(args.model, port, log, args.threads, source, options))
         for url, process in servers.values():
             wait_healthy(url, process)
             asyncio.run(run_level(url, args.model, 1, 1, 8))  # warm-up, not reported
@@ -188,7 +208,7 @@ def measure(args: argparse.Namespace, out: Path, sources: dict[str, Path | None]
                 for name in order:
                     url, process = servers[name]
                     server_cpu = server_cpu_seconds(process.pid)
-                    level = asyncio.run(run_level(url, args.model, concurrency, requests, args.max_tokens))
+                    level = asyncio.run(run_level(url, args.model, concurrency, requests, args.max_tokens, args.distinct_prompts))
                     if server_cpu is not None:
                         level["server_cpu_s"] = server_cpu_seconds(process.pid) - server_cpu
                     rounds[name][concurrency].append(level)
@@ -211,6 +231,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every level; the servers take turns in each")
     parser.add_argument("--threads", type=int, default=None, help="passed to attendo serve --threads")
     parser.add_argument("--kv-cache-dtype", default=None, help="passed to attendo serve --kv-cache-dtype (this tree's server only)")
+    parser.add_argument("--distinct-prompts", action="store_true",
+                        help="begin every prompt with a request number, so that no two requests share more than the chat template's start")
+    parser.add_argument("--no-prefix-cache", action="store_true", help="passed to attendo serve (this tree's server only)")
     parser.add_argument("--compare", default=None, help="a commit whose server to measure beside this one, taking turns")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "server.json"))
     args = parser.parse_args()
@@ -234,6 +257,8 @@ def main() -> None:
         "rounds": args.rounds,
         "threads": args.threads,
         "kv_cache_dtype": args.kv_cache_dtype,
+        "prefix_cache": not args.no_prefix_cache,
+        "distinct_prompts": args.distinct_prompts,
         "machine": {"cpus": os.cpu_count(), "cpu_flags": vector_flags(), "platform": platform.platform(),
                     "load_average": os.getloadavg()},  # fmt: skip
         "runs": runs,
@@ -250,13 +275,13 @@ def main() -> None:
         return f"{level[key]:.1f}" if key in level else "-"
 
     print("| code | concurrency | requests | output tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
-          "| wall (s) | client CPU (s) | server CPU (s) |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| prompt tokens cached | wall (s) | client CPU (s) | server CPU (s) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, levels in runs.items():
         for level in levels:
             print(
                 f"| {name} | {level['concurrency']} | {level['requests']} | {level['tokens_per_s']:.1f} | {ms(level['ttft_p50_s'])} "
-                f"| {ms(level['ttft_p99_s'])} | {ms(level['itl_p50_s'])} | {level['wall_s']:.1f} "
+                f"| {ms(level['ttft_p99_s'])} | {ms(level['itl_p50_s'])} | {level['cached_share']:.0%} | {level['wall_s']:.1f} "
                 f"| {cpu(level, 'client_cpu_s')} | {cpu(level, 'server_cpu_s')} |"
             )
     print(f"\nthis tree, throughput at 16 / at 1: {report['speedup_16_vs_1']:.2f}x; JSON in {out}")
