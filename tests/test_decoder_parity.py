@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import attendo
+from attendo.layers.positions import rope_cos_sin
 from attendo.models import decoder
 from conftest import TINY_CONFIGS
 
@@ -117,6 +118,27 @@ def test_pass_from_the_start_equals_the_same_pass_at_given_positions(pair, monke
                 from_start = network(ids)
                 given = network(ids, torch.arange(length).expand(2, length))
             torch.testing.assert_close(from_start, given, rtol=0, atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        network.reset_tables()
+
+
+def test_rotations_at_given_positions_are_the_computed_ones_bit_for_bit(pair, monkeypatch):
+    """A decode step's positions are rows of the RoPE table when they lie inside it: the rows are
+    gathered instead of computed, and must equal rope_cos_sin's values exactly (batch invariance
+    and cached decoding rely on it); positions past the table are computed."""
+    network = pair[0].network
+    if network.config.positions != "rope":
+        pytest.skip("no RoPE")
+    monkeypatch.setattr(decoder, "ROPE_TABLE_POSITIONS", 40)
+    network.reset_tables()
+    try:
+        frequencies, factor = network.rope_frequencies, network.config.rope_attention_factor
+        for positions in (torch.tensor([[0], [17], [39], [3]]), torch.tensor([[5, 6, 7]]), torch.tensor([[38], [39], [40], [91]])):
+            cos, sin = network._rotations(positions, False, network.rope_table, frequencies, factor)
+            expected_cos, expected_sin = rope_cos_sin(positions, frequencies, factor)
+            assert cos.shape == expected_cos.shape == (positions.shape[0], 1, positions.shape[1], network.config.rope_dims)
+            assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
     finally:
         monkeypatch.undo()
         network.reset_tables()

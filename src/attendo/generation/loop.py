@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -313,13 +314,23 @@ def _draw_together(running: list[Sequence], logits: torch.Tensor) -> dict[int, i
     for row, sequence in enumerate(running):
         settings = sequence.request.settings
         if not settings.greedy and sequence.grammar is None and not _uses_history(settings):
-            groups.setdefault(replace(settings, seed=None), []).append(row)
+            groups.setdefault(_unseeded(settings), []).append(row)
     drawn: dict[int, int] = {}
     for settings, rows in groups.items():
         if len(rows) > 1:
-            chosen = draw_each(process_logits(logits[rows], settings), [running[row].generator for row in rows])
+            # Every row in one group: the logits as they are (process_logits never edits its
+            # input), not a copy of all of them.
+            scores = logits if len(rows) == len(logits) else logits[rows]
+            chosen = draw_each(process_logits(scores, settings), [running[row].generator for row in rows])
             drawn.update(zip(rows, chosen.tolist()))
     return drawn
+
+
+@lru_cache(maxsize=1024)
+def _unseeded(settings: SamplingSettings) -> SamplingSettings:
+    """The settings without their seed, made once per request rather than at every step
+    (replace() checks every field again)."""
+    return replace(settings, seed=None)
 
 
 def _uses_history(settings: SamplingSettings) -> bool:

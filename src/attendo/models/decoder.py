@@ -177,8 +177,15 @@ class DecoderLM(nn.Module):
         attention_factor: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE's cos and sin for the positions: the table's first rows (1, 1, positions, rope_dims),
-        when the pass starts at 0 and the table is long enough, else computed for these positions."""
+        when the pass starts at 0 and the table is long enough; the table's rows at the positions
+        (batch, 1, positions, rope_dims) when every position is inside it (a decode step: one
+        gather instead of a handful of float64 ops, and the same bits, since each entry is
+        computed alone); else computed for these positions."""
+        cos, sin = table
         if from_table:
             length = positions.shape[1]
-            return table[0][:, :, :length].to(positions.device), table[1][:, :, :length].to(positions.device)
+            return cos[:, :, :length].to(positions.device), sin[:, :, :length].to(positions.device)
+        inside = positions.device == cos.device and not torch.compiler.is_compiling()  # no data-dependent branch in a graph
+        if inside and 0 <= int(positions.min()) and int(positions.max()) < cos.shape[2]:
+            return cos[0, 0][positions][:, None], sin[0, 0][positions][:, None]
         return rope_cos_sin(positions, frequencies, attention_factor)
