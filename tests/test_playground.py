@@ -308,9 +308,11 @@ def test_tokens_view_shows_bytes_spaces_and_ids(page, site, tiny):
     page.check("#show-ids")
     page.fill("#tokenize-text", "Hello world 😀")
     page.click("#tokenize")
-    page.wait_for_selector("#tokenized .tok-box")
+    expected = tiny.tokenizer.encode("Hello world 😀")
+    # Opening the view tokenized the default text first: wait for this text's boxes.
+    page.wait_for_function("n => document.querySelectorAll('#tokenized .tok-id').length === n", arg=len(expected))
     ids = page.eval_on_selector_all("#tokenized .tok-id", "nodes => nodes.map(n => Number(n.textContent))")
-    assert ids == tiny.tokenizer.encode("Hello world 😀")
+    assert ids == expected
     shown = page.eval_on_selector_all("#tokenized .tok", "nodes => nodes.map(n => n.textContent)")
     strings = site.post("/tokenize", {"model": "tiny", "prompt": "Hello world 😀", "return_token_strs": True}).json()["token_strs"]
     assert shown == [s.replace(" ", "·") for s in strings]  # each token as the API names it, spaces made visible

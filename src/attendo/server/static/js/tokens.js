@@ -20,12 +20,18 @@ function renderTokens(container, ids, strings) {
   container.replaceChildren(...ids.map((id, i) => tokenBox(id, strings[i], i)));
 }
 
+// Opening the view, ticking "ids" and clicking Tokenize each ask again: only the latest answer is
+// shown, whichever order the answers come back in.
+let latestTokenize = 0;
+
 async function tokenizeText() {
   if (!state.model) return;
   clearError();
   const text = $("tokenize-text").value;
+  const asked = ++latestTokenize;
   try {
     const result = await postJSON("tokenize", { model: state.model, prompt: text, return_token_strs: true });
+    if (asked !== latestTokenize) return;
     renderTokens($("tokenized"), result.tokens, result.token_strs);
     const chars = [...text].length;
     $("tokenize-stats").textContent = `${result.count} tokens · ${chars} characters · ${(chars / Math.max(1, result.count)).toFixed(2)} characters per token`;
