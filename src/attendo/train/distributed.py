@@ -16,6 +16,7 @@ Only rank 0 writes logs, checkpoints and the output model; the others wait for i
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -55,7 +56,15 @@ def start() -> Processes:
 
 
 def finish(processes: Processes) -> None:
+    """Tear the process group down, and with it gloo's worker threads.
+
+    destroy_process_group frees the group only when nothing else holds it; until then gloo's
+    worker threads run on, and one that frees a finished collective's tensors (made in Python)
+    while the interpreter exits dies taking the GIL: std::terminate, and the process aborts after
+    a good run. A DDP wrapper that a reference cycle keeps (torch makes such cycles itself)
+    still holds the group, so garbage is collected first."""
     if processes.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -86,7 +95,18 @@ def all_sum(values: list[float], processes: Processes) -> list[float]:
 
 
 def barrier(processes: Processes) -> None:
-    if processes.distributed:
+    if not processes.distributed:
+        return
+    if dist.get_backend() == "gloo":
+        # gloo's barrier keeps the collectives still in flight when it is issued (weakly) and
+        # frees them on a gloo worker thread when it is freed itself. Their tensors were made in
+        # Python, so that thread takes the GIL, and a thread that takes it while the interpreter
+        # exits dies mid-destructor: std::terminate, SIGABRT. That matters when the process
+        # group outlives destroy_process_group (under FSDP, torch's DTensor caches keep its
+        # device mesh and so the group alive) and a barrier is the last collective before exit.
+        # monitored_barrier waits on this thread, with tensors made in C++ and no worker.
+        dist.monitored_barrier()
+    else:
         dist.barrier()
 
 

@@ -138,8 +138,13 @@ class Trainer:
         self.tokens, self.earlier_seconds = 0, 0.0  # tokens trained; seconds of earlier runs (resumed)
 
     def _loss_function(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        # The closure holds the module, not the trainer: no trainer -> loss -> trainer cycle, so
+        # a finished trainer and the DDP wrapper it holds (which holds the process group) are
+        # freed when the run returns, not at some later garbage collection.
+        module, autocast = self.module, self.autocast
+
         def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return token_loss_sum(self.module, batch, self.autocast)
+            return token_loss_sum(module, batch, autocast)
 
         return torch.compile(loss) if self.settings.compile else loss
 
