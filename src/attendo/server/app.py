@@ -309,11 +309,10 @@ async def completions(request: Request) -> Response:
         return JSONResponse(openai.completion(id, created, body.model, result) | {"usage": usage} | token_ids.prompt_once())
 
     usage_field = {"usage": None} if body.include_usage else {}
-    chunks = openai.StreamChunks(openai.completion(id, created, body.model, []) | usage_field)
 
     def chunk(index: int, text: str, lp: dict | None, finish_reason: str | None) -> str:
         choice = openai.completion_choice(index, text, lp, finish_reason) | token_ids.choice(index)
-        return chunks.event(choice, token_ids.prompt_once())
+        return openai.sse(openai.completion(id, created, body.model, [choice]) | usage_field | token_ids.prompt_once())
 
     async def events() -> AsyncIterator[str]:
         generated = finished = 0
@@ -382,11 +381,10 @@ async def chat_completions(request: Request) -> Response:
         return JSONResponse(openai.chat_completion(id, created, body.model, result) | {"usage": usage} | token_ids.prompt_once())
 
     usage_field = {"usage": None} if body.include_usage else {}
-    chunks = openai.StreamChunks(openai.chat_chunk(id, created, body.model, []) | usage_field)
 
     def chunk(index: int, delta: dict, lp: dict | None, finish_reason: str | None) -> str:
         choice = openai.chat_chunk_choice(index, delta, lp, finish_reason) | token_ids.choice(index)
-        return chunks.event(choice, token_ids.prompt_once())
+        return openai.sse(openai.chat_chunk(id, created, body.model, [choice]) | usage_field | token_ids.prompt_once())
 
     async def events() -> AsyncIterator[str]:
         generated = finished = 0

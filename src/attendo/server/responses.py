@@ -14,31 +14,12 @@ LOGPROB_FLOOR = -9999.0  # JSON has no -Infinity: a token with zero probability 
 # Made once: json.dumps with options builds a new encoder at every call, and a stream encodes a
 # chunk per token.
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_CHOICES_SLOT = "\0"  # stands for a chunk's choices while its other fields are encoded
 
 
 def sse(data: dict[str, Any] | str) -> str:
     """One server-sent event: `data: {json}` and a blank line."""
     text = data if isinstance(data, str) else _JSON.encode(data)
     return f"data: {text}\n\n"
-
-
-class StreamChunks:
-    """The events of one stream's chunks. Every chunk of a stream has the same fields but its
-    choices (id, object, created, model, usage), so those are encoded once and each event encodes
-    only its choice: the bytes of sse() of the whole chunk, for less work per token."""
-
-    def __init__(self, chunk: dict[str, Any]) -> None:
-        """chunk: the stream's chunk fields in order, choices among them (their value is unused)."""
-        encoded = _JSON.encode(chunk | {"choices": [_CHOICES_SLOT]})
-        # The choices come after every string field (id, object, model): the last slot is theirs.
-        self.head, _, self.tail = encoded.rpartition(_JSON.encode(_CHOICES_SLOT))
-
-    def event(self, choice: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
-        """The event of the chunk with this one choice; extra: fields after the chunk's own (the
-        prompt's token ids on a stream's first chunk)."""
-        tail = f"{self.tail[:-1]},{_JSON.encode(extra)[1:]}" if extra else self.tail
-        return f"data: {self.head}{_JSON.encode(choice)}{tail}\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
